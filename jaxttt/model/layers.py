@@ -1,0 +1,128 @@
+"""Building blocks of the decoder: Linear (with optional LoRA), RMSNorm, RoPE, attention, SwiGLU.
+
+Dimension letters: B batch, T time (queries), S cache/key slots, D model, F ffn, H heads,
+G kv heads, K head dim, V vocab, R LoRA rank.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxttt.sharding import constrain
+
+Init = jax.nn.initializers.normal(stddev=0.02)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], init=Init,
+          dtype=jnp.float32) -> nnx.Param:
+    """A parameter that carries its logical axis names (see jaxttt.sharding.RULES)."""
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x W (+ LoRA: dropout(x) A B · alpha/rank when adapters are attached and enabled)."""
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str | None, str | None], tag: str,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.kernel = param(rngs, (d_in, d_out), axes)
+        self.tag = tag  # which projection this is (q, k, v, o, gate, up, down): LoRA targets it
+        self.axes = axes
+        self.dtype = dtype
+        self.lora_a = None
+        self.lora_b = None
+        self.lora_scale = 0.0
+        self.lora_dropout = None
+
+    def __call__(self, x: jax.Array, *, use_lora: bool = True) -> jax.Array:
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if use_lora and self.lora_a is not None:
+            h = self.lora_dropout(x) if self.lora_dropout is not None else x
+            h = h.astype(self.dtype) @ self.lora_a[...].astype(self.dtype)
+            y = y + (h @ self.lora_b[...].astype(self.dtype)) * self.lora_scale
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, axis_name: str = "norm"):
+        self.scale = param(rngs, (dim,), (axis_name,), init=jax.nn.initializers.ones)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        return (x32 * jax.lax.rsqrt(var + self.eps) * self.scale[...]).astype(x.dtype)
+
+
+def rope(x_BTHK: jax.Array, pos_BT: jax.Array, *, theta: float, rot_dim: int) -> jax.Array:
+    """Rotary embedding on the first `rot_dim` features of each head (NeoX half-split layout)."""
+    if rot_dim == 0:
+        return x_BTHK
+    half = rot_dim // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    ang_BTJ = pos_BT.astype(jnp.float32)[..., None] * freq
+    cos, sin = jnp.cos(ang_BTJ)[:, :, None, :], jnp.sin(ang_BTJ)[:, :, None, :]
+    x32 = x_BTHK.astype(jnp.float32)
+    x1, x2, rest = x32[..., :half], x32[..., half:rot_dim], x32[..., rot_dim:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    return out.astype(x_BTHK.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with GQA, RoPE and an optional KV cache."""
+
+    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+        D, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
+        self.n_heads, self.n_kv, self.d_head = H, G, K
+        self.theta, self.rot_dim = cfg.rope_theta, cfg.rope_dim
+        self.impl = "cudnn" if cfg.attention == "cudnn" else None
+        self.q = Linear(D, H * K, axes=("embed", "heads"), tag="q", dtype=dtype, rngs=rngs)
+        self.k = Linear(D, G * K, axes=("embed", "kv_heads"), tag="k", dtype=dtype, rngs=rngs)
+        self.v = Linear(D, G * K, axes=("embed", "kv_heads"), tag="v", dtype=dtype, rngs=rngs)
+        self.o = Linear(H * K, D, axes=("heads", "embed"), tag="o", dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD, pos_BT, *, cache=None, use_lora=True):
+        B, T, _ = x_BTD.shape
+        q_BTHK = self.q(x_BTD, use_lora=use_lora).reshape(B, T, self.n_heads, self.d_head)
+        k_BTGK = self.k(x_BTD, use_lora=use_lora).reshape(B, T, self.n_kv, self.d_head)
+        v_BTGK = self.v(x_BTD, use_lora=use_lora).reshape(B, T, self.n_kv, self.d_head)
+        q_BTHK = constrain(rope(q_BTHK, pos_BT, theta=self.theta, rot_dim=self.rot_dim),
+                           "batch", "seq", "heads", "head_dim")
+        k_BTGK = rope(k_BTGK, pos_BT, theta=self.theta, rot_dim=self.rot_dim)
+        if cache is None:
+            out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=True,
+                                                    implementation=self.impl)
+            new_cache = None
+        else:
+            out_BTHK, new_cache = self._cached(q_BTHK, k_BTGK, v_BTGK, cache)
+        y_BTD = self.o(out_BTHK.reshape(B, T, -1), use_lora=use_lora)
+        return y_BTD, new_cache
+
+    def _cached(self, q_BTHK, k_BTGK, v_BTGK, cache):
+        """Write this call's keys/values at slot `cache['index']`, attend over valid slots.
+
+        Prompts are left-padded: slots before `cache['start'][b]` hold padding for row b.
+        """
+        idx, start_B = cache["index"], cache["start"]
+        k_BSGK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTGK.astype(cache["k"].dtype), idx, 1)
+        v_BSGK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTGK.astype(cache["v"].dtype), idx, 1)
+        T, S = q_BTHK.shape[1], k_BSGK.shape[1]
+        q_slot_T = idx + jnp.arange(T)
+        s_S = jnp.arange(S)
+        mask_BTS = (s_S[None, None, :] <= q_slot_T[None, :, None]) & \
+                   (s_S[None, None, :] >= start_B[:, None, None])
+        out = jax.nn.dot_product_attention(q_BTHK, k_BSGK.astype(q_BTHK.dtype),
+                                           v_BSGK.astype(q_BTHK.dtype), mask=mask_BTS[:, None])
+        return out, {"k": k_BSGK, "v": v_BSGK, "index": idx + T, "start": start_B}
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs):
+        self.gate = Linear(d_model, d_ff, axes=("embed", "mlp"), tag="gate", dtype=dtype, rngs=rngs)
+        self.up = Linear(d_model, d_ff, axes=("embed", "mlp"), tag="up", dtype=dtype, rngs=rngs)
+        self.down = Linear(d_ff, d_model, axes=("mlp", "embed"), tag="down", dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD, *, use_lora=True):
+        h_BTF = jax.nn.silu(self.gate(x_BTD, use_lora=use_lora)) * self.up(x_BTD, use_lora=use_lora)
+        h_BTF = constrain(h_BTF, "batch", "seq", "mlp")
+        return self.down(h_BTF, use_lora=use_lora)

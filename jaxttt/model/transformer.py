@@ -1,0 +1,155 @@
+"""LLaMA-style decoder with an mHC residual stream (or a plain residual when mhc.mode=none).
+
+Dimension letters: B batch, T time, N streams, D model, V vocab, L layers.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxttt.config import ModelConfig
+from jaxttt.model import mhc
+from jaxttt.model.layers import Attention, Linear, RMSNorm, SwiGLU, param
+from jaxttt.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Block(nnx.Module):
+    """Pre-norm attention + SwiGLU, each wrapped by an mHC residual (or x + F(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = DTYPES[cfg.dtype]
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, dtype=dtype, rngs=rngs)
+        self.use_mhc = cfg.mhc.mode != "none"
+        if self.use_mhc:
+            self.attn_res = mhc.MHCResidual(cfg.d_model, cfg.mhc, norm_eps=cfg.norm_eps, rngs=rngs)
+            self.mlp_res = mhc.MHCResidual(cfg.d_model, cfg.mhc, norm_eps=cfg.norm_eps, rngs=rngs)
+
+    def __call__(self, x, pos_BT, cache=None, use_lora: bool = True):
+        """x: [B,T,N,D] streams (mHC/HC) or [B,T,D] (plain). Returns (x', new layer cache)."""
+        def attn(h):
+            return self.attn(self.attn_norm(h), pos_BT, cache=cache, use_lora=use_lora)
+
+        def mlp(h):
+            return self.mlp(self.mlp_norm(h), use_lora=use_lora), None
+
+        if self.use_mhc:
+            x, new_cache = self.attn_res(x, attn)
+            x, _ = self.mlp_res(x, mlp)
+            return constrain(x, "batch", "seq", "streams", "act_embed"), new_cache
+        y, new_cache = attn(x)
+        x = x + y.astype(x.dtype)
+        y, _ = mlp(x)
+        return constrain(x + y.astype(x.dtype), "batch", "seq", "act_embed"), new_cache
+
+
+class Transformer(nnx.Module):
+    """Decoder LM. `model(tokens_BT) -> logits_BTV` (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        self.dtype = DTYPES[cfg.dtype]
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+        self.n_streams = cfg.mhc.streams
+        if cfg.mhc.mode != "none":
+            self.stream_emb = param(rngs, (self.n_streams, cfg.d_model), ("streams", "embed"))
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.lm_head = None if cfg.tie_embeddings else Linear(
+            cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), tag="lm_head", dtype=self.dtype,
+            rngs=rngs)
+
+    # ---------------------------------------------------------------- forward
+    def __call__(self, tokens_BT, pos_BT=None, *, use_lora: bool = True) -> jax.Array:
+        return self.unembed(self.hidden(tokens_BT, pos_BT, use_lora=use_lora))
+
+    def hidden(self, tokens_BT, pos_BT=None, *, use_lora: bool = True) -> jax.Array:
+        """Final normalised hidden states [B,T,D] (for chunked losses over the vocabulary)."""
+        h, _ = self._run(tokens_BT, pos_BT, None, use_lora)
+        return h
+
+    def decode(self, tokens_BT, pos_BT, cache, *, use_lora: bool = True):
+        """Forward with a KV cache (prefill or one decode step): (logits_BTV, new cache)."""
+        h, cache = self._run(tokens_BT, pos_BT, cache, use_lora)
+        return self.unembed(h), cache
+
+    def unembed(self, h_BTD: jax.Array) -> jax.Array:
+        if self.lm_head is not None:
+            logits = self.lm_head(h_BTD, use_lora=False)
+        else:
+            logits = h_BTD.astype(self.dtype) @ self.embed[...].astype(self.dtype).T
+        return constrain(logits.astype(jnp.float32), "batch", "seq", "vocab")
+
+    def unembed_matrix(self) -> jax.Array:
+        """W [D, V] such that logits = h @ W."""
+        return self.lm_head.kernel[...] if self.lm_head is not None else self.embed[...].T
+
+    def _run(self, tokens_BT, pos_BT, cache, use_lora):
+        B, T = tokens_BT.shape
+        if pos_BT is None:
+            pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x = jnp.take(self.embed[...], tokens_BT, axis=0)
+        x = constrain(x, "batch", "seq", "act_embed")
+        if self.cfg.mhc.mode != "none":
+            x = mhc.expand_streams(x, self.stream_emb[...])
+        else:
+            x = x.astype(jnp.float32)
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else {**cache["layers"][i], "index": cache["index"],
+                                                      "start": cache["start"]}
+            x, c = self._block_call(block, x, pos_BT, layer_cache, use_lora)
+            if c is not None:
+                new_layers.append({"k": c["k"], "v": c["v"]})
+        if self.cfg.mhc.mode != "none":
+            x = mhc.readout(x)
+        h = self.final_norm(x.astype(self.dtype))
+        new_cache = None if cache is None else {"layers": new_layers, "index": cache["index"] + T,
+                                                "start": cache["start"]}
+        return h, new_cache
+
+    def _block_call(self, block, x, pos_BT, cache, use_lora):
+        if self.cfg.remat and cache is None:
+            return nnx.remat(lambda b, x_, p_: b(x_, p_, None, use_lora))(block, x, pos_BT)
+        return block(x, pos_BT, cache, use_lora)
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, start_B: jax.Array | None = None,
+               dtype=None) -> dict:
+    """Empty KV cache with `slots` positions per row; `start_B` = first valid slot of each row."""
+    dtype = dtype or DTYPES[cfg.dtype]
+    shape = (batch, slots, cfg.kv_heads, cfg.d_head)
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+    start = jnp.zeros((batch,), jnp.int32) if start_B is None else start_B.astype(jnp.int32)
+    return {"layers": layers, "index": jnp.zeros((), jnp.int32), "start": start}
+
+
+def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """log p(target_t | ...) for each position, float32."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT=None) -> jax.Array:
+    """Mean next-token cross-entropy (targets already shifted, F1)."""
+    nll_BT = -token_logprobs(logits_BTV, targets_BT)
+    if mask_BT is None:
+        return jnp.mean(nll_BT)
+    mask_BT = mask_BT.astype(jnp.float32)
+    return jnp.sum(nll_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
+
+
+def build(cfg: ModelConfig, mesh, *, seed: int = 0) -> Transformer:
+    """A model created directly sharded on `mesh` (see jaxttt.sharding.create_sharded)."""
+    from jaxttt.sharding import create_sharded
+    return create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh)
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,163 @@
+"""Prefill + KV-cache decode under `jit`, with ragged prompts.
+
+Prompts are left-padded into a static bucket of P columns, so every row's last prompt token
+sits in column P-1 and decode writes all rows at the same cache slot; each row's RoPE positions
+start at 0 at its first real token and its padding slots are masked out. Cache and prompt
+buckets are powers of two, so repeated calls with similar shapes do not recompile. Weights are
+passed to the compiled program as arguments (graph and state split), tunix-style.
+
+Returned log-probs are the model's own log π(token | prefix) at temperature 1 with no top-p/k
+truncation: the quantity RL and KL shaping need (handoff F3).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxttt.model.transformer import init_cache
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    tokens: np.ndarray  # [B, M] generated ids, pad after each row's end
+    logprobs: np.ndarray  # [B, M] log π(token) at temperature 1, 0 after the end
+    lengths: np.ndarray  # [B] generated tokens per row (an EOS, when hit, is counted)
+
+    def completions(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def bucket(n: int) -> int:
+    """Smallest power of two >= n (at least MIN_BUCKET)."""
+    return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, width] int32 with each prompt right-aligned, and the first real column per row."""
+    toks = np.full((len(prompts), width), pad_id, np.int32)
+    start = np.zeros(len(prompts), np.int32)
+    for b, p in enumerate(prompts):
+        if not 0 < len(p) <= width:
+            raise ValueError(f"prompt {b} has length {len(p)}; expected 1..{width}")
+        toks[b, width - len(p):] = p
+        start[b] = width - len(p)
+    return toks, start
+
+
+def filter_logits(logits_BV: jax.Array, temperature, top_p, top_k: int, pad_id: int) -> jax.Array:
+    """Temperature, top-k and nucleus (top-p) filtering; PAD is never sampled."""
+    logits_BV = logits_BV.at[:, pad_id].set(-jnp.inf) / jnp.maximum(temperature, 1e-6)
+    if top_k > 0:
+        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it < top_p
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    n_keep_B = jnp.maximum(jnp.sum(before_BV < top_p, axis=-1), 1)
+    cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
+    return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+
+
+def _choose(key, logits_BV, temperature, top_p, top_k, greedy, pad_id):
+    raw_logp_BV = jax.nn.log_softmax(logits_BV.at[:, pad_id].set(-jnp.inf), axis=-1)
+    if greedy:
+        tok_B = jnp.argmax(raw_logp_BV, axis=-1)
+    else:
+        tok_B = jax.random.categorical(key, filter_logits(logits_BV, temperature, top_p, top_k, pad_id))
+    return tok_B.astype(jnp.int32), jnp.take_along_axis(raw_logp_BV, tok_B[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "greedy", "use_lora",
+                                             "pad_id", "eos_id", "slots"))
+def _generate(graphdef, state, toks_BP, start_B, key, temperature, top_p, *, max_new, top_k,
+              greedy, use_lora, pad_id, eos_id, slots):
+    model = nnx.merge(graphdef, state)
+    B, P = toks_BP.shape
+    pos_BP = jnp.maximum(jnp.arange(P)[None, :] - start_B[:, None], 0)
+    cache = init_cache(model.cfg, B, slots, start_B)
+    logits_BPV, cache = model.decode(toks_BP, pos_BP, cache, use_lora=use_lora)
+    len_B = P - start_B
+
+    def cond(carry):
+        i, _, _, done_B, _, _, _ = carry
+        return (i < max_new) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, out_BM, logp_BM, done_B, cache, key, logits_BV = carry
+        key, sub = jax.random.split(key)
+        tok_B, logp_B = _choose(sub, logits_BV, temperature, top_p, top_k, greedy, pad_id)
+        tok_B = jnp.where(done_B, pad_id, tok_B)
+        logp_B = jnp.where(done_B, 0.0, logp_B)
+        out_BM = out_BM.at[:, i].set(tok_B)
+        logp_BM = logp_BM.at[:, i].set(logp_B)
+        if eos_id is not None:
+            done_B = done_B | (tok_B == eos_id)
+        logits_B1V, cache = model.decode(tok_B[:, None], (len_B + i)[:, None], cache,
+                                         use_lora=use_lora)
+        return i + 1, out_BM, logp_BM, done_B, cache, key, logits_B1V[:, 0]
+
+    init = (jnp.int32(0), jnp.full((B, max_new), pad_id, jnp.int32), jnp.zeros((B, max_new)),
+            jnp.zeros((B,), bool), cache, key, logits_BPV[:, -1])
+    _, out_BM, logp_BM, done_B, _, _, _ = jax.lax.while_loop(cond, body, init)
+    return out_BM, logp_BM
+
+
+def generate(model: nnx.Module, prompts: list[list[int]], key: jax.Array, *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
+             eos_id: int | None = None, pad_id: int = 0, use_lora: bool = True) -> SampleOutput:
+    """Sample continuations of `prompts` (lists of token ids, any lengths) in one compiled call.
+
+    Deterministic for a given `key`. `use_lora=False` runs the base model of an adapted one.
+    """
+    width = bucket(max(len(p) for p in prompts))
+    slots = bucket(width + max_new_tokens)
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({longest}) + {max_new_tokens} new tokens exceeds the model's "
+                         f"max_seq_len={model.cfg.max_seq_len}")
+    toks_BP, start_B = left_pad(prompts, pad_id, width)
+    graphdef, state = nnx.split(model)
+    out_BM, logp_BM = _generate(graphdef, state, jnp.asarray(toks_BP), jnp.asarray(start_B), key,
+                                jnp.float32(temperature), jnp.float32(top_p),
+                                max_new=int(max_new_tokens), top_k=int(top_k), greedy=bool(greedy),
+                                use_lora=bool(use_lora), pad_id=int(pad_id),
+                                eos_id=None if eos_id is None else int(eos_id), slots=slots)
+    out_BM, logp_BM = np.asarray(out_BM), np.asarray(logp_BM)
+    return SampleOutput(out_BM, logp_BM, _lengths(out_BM, eos_id, pad_id))
+
+
+def _lengths(out_BM: np.ndarray, eos_id: int | None, pad_id: int) -> np.ndarray:
+    M = out_BM.shape[1]
+    if eos_id is None:
+        return np.full(out_BM.shape[0], M, np.int32)
+    hit_BM = out_BM == eos_id
+    first_B = np.where(hit_BM.any(1), hit_BM.argmax(1) + 1, M)
+    return first_B.astype(np.int32)
+
+
+def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0,
+                   width: int | None = None):
+    """Right-padded prompt+completion rows for teacher-forced scoring.
+
+    Returns tokens [B, W], targets [B, W] (next tokens), a mask [B, W] that is 1 exactly at the
+    positions whose target is a completion token (F3: position t-1 predicts token t).
+    """
+    lens = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    W = width or bucket(max(lens))
+    toks = np.full((len(prompts), W + 1), pad_id, np.int32)
+    mask = np.zeros((len(prompts), W), np.float32)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        seq = list(p) + list(c)
+        if len(seq) > W + 1:
+            raise ValueError(f"row {b}: prompt+completion length {len(seq)} exceeds width {W + 1}")
+        toks[b, :len(seq)] = seq
+        mask[b, len(p) - 1:len(seq) - 1] = 1.0
+    return toks[:, :-1], toks[:, 1:], mask
