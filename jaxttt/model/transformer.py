@@ -71,12 +71,20 @@ class Transformer(nnx.Module):
 
     def hidden(self, tokens_BT, pos_BT=None, *, use_lora: bool = True) -> jax.Array:
         """Final normalised hidden states [B,T,D] (for chunked losses over the vocabulary)."""
-        h, _ = self._run(tokens_BT, pos_BT, None, use_lora)
+        h, _ = self._run(self.embed_tokens(tokens_BT), pos_BT, None, use_lora)
         return h
+
+    def embed_tokens(self, tokens_BT) -> jax.Array:
+        embed_VD = constrain(self.embed[...], None, "act_embed")  # gather the table, not rows
+        return constrain(jnp.take(embed_VD, tokens_BT, axis=0), "batch", "seq", "act_embed")
+
+    def from_embeddings(self, x_BTD, pos_BT=None, *, use_lora: bool = True) -> jax.Array:
+        """Logits from input embeddings (for gradient checks such as causality)."""
+        return self.unembed(self._run(x_BTD, pos_BT, None, use_lora)[0])
 
     def decode(self, tokens_BT, pos_BT, cache, *, use_lora: bool = True):
         """Forward with a KV cache (prefill or one decode step): (logits_BTV, new cache)."""
-        h, cache = self._run(tokens_BT, pos_BT, cache, use_lora)
+        h, cache = self._run(self.embed_tokens(tokens_BT), pos_BT, cache, use_lora)
         return self.unembed(h), cache
 
     def unembed(self, h_BTD: jax.Array) -> jax.Array:
@@ -90,12 +98,11 @@ class Transformer(nnx.Module):
         """W [D, V] such that logits = h @ W."""
         return self.lm_head.kernel[...] if self.lm_head is not None else self.embed[...].T
 
-    def _run(self, tokens_BT, pos_BT, cache, use_lora):
-        B, T = tokens_BT.shape
+    def _run(self, x_BTD, pos_BT, cache, use_lora):
+        B, T, _ = x_BTD.shape
         if pos_BT is None:
             pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x = jnp.take(self.embed[...], tokens_BT, axis=0)
-        x = constrain(x, "batch", "seq", "act_embed")
+        x = x_BTD
         if self.cfg.mhc.mode != "none":
             x = mhc.expand_streams(x, self.stream_emb[...])
         else:
