@@ -29,10 +29,10 @@ class Linear(nnx.Module):
         self.tag = tag  # which projection this is (q, k, v, o, gate, up, down): LoRA targets it
         self.axes = axes
         self.dtype = dtype
-        self.lora_a = None
-        self.lora_b = None
+        self.lora_a = nnx.data(None)  # set by jaxttt.model.lora.add_lora
+        self.lora_b = nnx.data(None)
         self.lora_scale = 0.0
-        self.lora_dropout = None
+        self.lora_dropout = nnx.data(None)
 
     def __call__(self, x: jax.Array, *, use_lora: bool = True) -> jax.Array:
         y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
