@@ -26,15 +26,21 @@ def sinkhorn(h_tilde_XNN: jax.Array, *, iters: int = 20, clamp: float = 15.0,
     """Project to (approximately) doubly stochastic: M0 = exp(clamp(H~)), then T_r(T_c(M)) t_max times.
 
     Runs in float32; the last operation normalises rows, so rows sum to 1 to rounding and
-    columns to within the Sinkhorn residual.
+    columns to within the Sinkhorn residual. The iterations run on an [N, N, X] layout: sums over
+    the two tiny N axes become adds of N planes vectorised along the long token axis X
+    (about 4x faster on CPU than reducing a trailing axis of size 4).
     """
-    m_XNN = jnp.exp(jnp.clip(h_tilde_XNN.astype(jnp.float32), -clamp, clamp))
+    shape = h_tilde_XNN.shape
+    n = shape[-1]
+    m_NNX = jnp.exp(jnp.clip(h_tilde_XNN.astype(jnp.float32), -clamp, clamp))
+    m_NNX = jnp.moveaxis(m_NNX.reshape(-1, n, n), 0, -1)
 
     def body(_, m):
-        m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)  # T_c: columns sum to 1
-        return m / (jnp.sum(m, axis=-1, keepdims=True) + eps)  # T_r: rows sum to 1
+        m = m / (jnp.sum(m, axis=0, keepdims=True) + eps)  # T_c: columns sum to 1
+        return m / (jnp.sum(m, axis=1, keepdims=True) + eps)  # T_r: rows sum to 1
 
-    return jax.lax.fori_loop(0, iters, body, m_XNN, unroll=True)
+    m_NNX = jax.lax.fori_loop(0, iters, body, m_NNX, unroll=True)
+    return jnp.moveaxis(m_NNX, -1, 0).reshape(shape)
 
 
 def logit(p: float) -> float:
@@ -92,9 +98,11 @@ class MHCResidual(nnx.Module):
     def __call__(self, x_BTND: jax.Array, sublayer):
         """`sublayer(x_BTD) -> (y_BTD, aux)`; returns (X', aux)."""
         h_pre, h_post, h_res = self.mapping(x_BTND)
-        x_in_BTD = jnp.einsum("btn,btnd->btd", h_pre, x_BTND)
+        # N is tiny (4): broadcast-multiply-and-sum fuses into one loop, where an einsum would
+        # become B*T batched 4x4 matmuls (slow on CPU, no gain on accelerators).
+        x_in_BTD = jnp.sum(h_pre[..., None] * x_BTND, axis=2)
         y_BTD, aux = sublayer(x_in_BTD)
-        res_BTND = jnp.einsum("btnm,btmd->btnd", h_res, x_BTND)
+        res_BTND = jnp.sum(h_res[..., None] * x_BTND[:, :, None, :, :], axis=3)
         upd_BTND = h_post[..., None] * y_BTD.astype(jnp.float32)[:, :, None, :]
         return res_BTND + upd_BTND, aux
 
