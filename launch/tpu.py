@@ -90,7 +90,7 @@ def setup_script(args: argparse.Namespace) -> str:
     steps = [
         "set -e",
         "command -v uv >/dev/null || [ -x $HOME/.local/bin/uv ] || "
-        "curl -LsSf https://astral.sh/uv/install.sh | sh",
+        "python3 -m pip install --user -q uv",
         'export PATH="$HOME/.local/bin:$PATH"',
         f"rm -rf {REMOTE_SRC}",
         f"mkdir -p {REMOTE_SRC}",
@@ -105,8 +105,7 @@ def setup_script(args: argparse.Namespace) -> str:
 
 def _setup(args: argparse.Namespace) -> list[list[str]]:
     tarball = local_tarball(args)
-    archive = ["git", "-C", str(REPO_ROOT), "archive", "--format=tar.gz", "-o", tarball,
-               args.ref]
+    archive = ["git", "archive", "--format=tar.gz", "-o", tarball, args.ref]  # run from the repo
     scp = GCLOUD_TPU + ["scp", tarball, f"{args.name}:{REMOTE_TARBALL}", *_common(args),
                         "--worker=all"]
     return [archive, scp, _ssh(args, setup_script(args))]
@@ -201,7 +200,7 @@ def execute(commands: list[list[str]]) -> int:
     require_gcloud()
     for cmd in commands:
         print(f"+ {shlex.join(cmd)}", file=sys.stderr, flush=True)
-        rc = subprocess.run(cmd).returncode
+        rc = subprocess.run(cmd, cwd=REPO_ROOT).returncode
         if rc:
             return rc
     return 0
