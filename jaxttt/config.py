@@ -135,6 +135,7 @@ class DataConfig:
     batch_size: int = 8  # global batch (sequences per optimiser step, before accumulation)
     seed: int = 0
     vocab_size: int = 2048  # for a tokenizer trained on the default corpus
+    max_bytes: int = 4_000_000  # size cap of the embedded default corpus (train + val)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,9 +200,22 @@ class SDFTConfig:
     gate: GateConfig = GateConfig()
     probes: str = ""  # YAML list of capability probes; empty = none
     seed: int = 0
+    objective: str = "sdft"  # sdft (on-policy self-distillation) | sft (cross-entropy on demos: baseline)
+    heldout: str = ""  # packed .bin for the perplexity gate; empty = default corpus val, run's tokenizer
+    eval_seq_len: int = 128  # tokens per held-out window
+    eval_windows: int = 32  # held-out windows scored (the same ones at every evaluation)
+    eval_batch_size: int = 8  # held-out windows per forward pass
+    probe_max_new_tokens: int = 24  # greedy tokens generated per capability probe
+    keep: int = 3  # accepted checkpoints kept (orbax)
 
     def validate(self) -> None:
+        _check(self.objective in ("sdft", "sft"), "objective", "sdft|sft")
         _check(self.kl_direction in ("reverse", "forward"), "kl_direction", "reverse|forward")
+        for key in ("batch_size", "grad_accum", "steps_per_block", "blocks", "replay_size",
+                    "kl_chunk", "max_prompt_len", "eval_seq_len", "eval_windows",
+                    "eval_batch_size", "probe_max_new_tokens", "keep"):
+            _check(getattr(self, key) >= 1, key, "a positive integer")
+        _check(self.sampling.max_new_tokens >= 1, "sampling.max_new_tokens", "a positive integer")
         _check(0.0 <= self.ema_decay <= 1.0, "ema_decay", "a value in [0, 1]")
         _check(0.0 <= self.replay_ratio <= 1.0, "replay_ratio", "a value in [0, 1]")
         if self.lora is not None:
@@ -231,11 +245,23 @@ class DiscoverConfig:
     save_every: int = 10
     hot_swap_eval: bool = False  # benchmark the adapter after every update
     seed: int = 0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on the adapters
+    grad_clip: float = 1.0  # global-norm clip of the adapter gradient; <= 0 = off
+    drop_equal_groups: bool = True  # a group whose rewards are all equal gives no gradient at all
+    baseline: bool = True  # same-budget best-of-N from θ0 (steps × rollouts samples) beside TTT
+    reward_workers: int = 4  # rewards evaluated concurrently (threads); envs must allow it
 
     def validate(self) -> None:
         self.lora.validate()
         _check(self.rollouts >= 2, "rollouts", "at least 2 (leave-one-out needs a group)")
         _check(self.gamma > 0, "gamma", "a positive number")
+        _check(self.steps >= 1, "steps", "a positive integer")
+        _check(self.sampling.max_new_tokens >= 1, "sampling.max_new_tokens", "a positive integer")
+        _check(self.children_per_step >= 0, "children_per_step", "a non-negative integer")
+        _check(self.save_every >= 0, "save_every", "a non-negative integer (0 = only at the end)")
+        _check(self.reward_timeout_s > 0, "reward_timeout_s", "a positive number")
+        _check(self.reward_workers >= 1, "reward_workers", "a positive integer")
+        _check(self.lora.dropout == 0.0, "lora.dropout", "0 (log π_θ must be deterministic)")
 
 
 # --------------------------------------------------------------------------------------------

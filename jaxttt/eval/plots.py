@@ -1,0 +1,131 @@
+"""Plots of run directories, shared by `jaxttt demo`'s report and the notebooks.
+
+Every function reads the files a run writes (JSONL/JSON, nothing private) and draws onto a
+matplotlib Axes, so a notebook can lay them out as it likes and the report can save PNGs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _axes(ax):
+    if ax is None:
+        import matplotlib.pyplot as plt
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    return ax
+
+
+def loss_curves(runs: dict[str, str | Path], ax=None):
+    """Training loss (and validation loss, dashed) per step for several pretraining runs."""
+    ax = _axes(ax)
+    for i, (label, run) in enumerate(runs.items()):
+        rows = read_jsonl(Path(run) / "metrics.jsonl")
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        color = f"C{i}"
+        if train:
+            ax.plot(*zip(*train), color=color, alpha=0.8, label=f"{label} train")
+        if val:
+            ax.plot(*zip(*val), "o--", color=color, label=f"{label} val")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="Pretraining: mHC vs baseline")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def discover_rewards(run: str | Path, ax=None):
+    """Best reward so far vs the best-of-N baseline at equal samples, and β, per TTT step."""
+    ax = _axes(ax)
+    rows = [r for r in read_jsonl(Path(run) / "log.jsonl") if "best_reward" in r]
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["best_reward"] for r in rows], "o-", label="TTT-Discover best")
+    ax.plot(steps, [r["r_mean"] for r in rows], ".:", alpha=0.6, label="rollout mean")
+    if rows and "baseline_best_reward" in rows[0]:
+        ax.plot(steps, [r["baseline_best_reward"] for r in rows], "s--",
+                label="best-of-N from θ0 (same samples)")
+    ax.set(xlabel="TTT step", ylabel="reward", title="TTT-Discover vs best-of-N")
+    ax.legend(fontsize=8, loc="lower right")
+    twin = ax.twinx()
+    twin.plot(steps, [r["beta"] for r in rows], color="grey", alpha=0.4, lw=1)
+    twin.set_ylabel("β (adaptive)", color="grey")
+    return ax
+
+
+def archive_tree(run: str | Path, ax=None, max_nodes: int = 60):
+    """The discovery archive as a tree: x = step added, y = reward, edges parent → child."""
+    ax = _axes(ax)
+    result = json.loads((Path(run) / "result.json").read_text())
+    nodes = result["archive"]["nodes"]
+    nodes = sorted(nodes, key=lambda n: -n["reward"])[:max_nodes]
+    by_id = {n["id"]: n for n in nodes}
+    for n in nodes:
+        parent = by_id.get(n.get("parent"))
+        if parent is not None:
+            ax.plot([parent["step"], n["step"]], [parent["reward"], n["reward"]], "-",
+                    color="grey", alpha=0.5, lw=0.8)
+    ax.scatter([n["step"] for n in nodes], [n["reward"] for n in nodes],
+               c=["C3" if n.get("seed") else "C0" for n in nodes],
+               s=[20 + 10 * n.get("n", 0) for n in nodes], zorder=3)
+    ax.set(xlabel="step added", ylabel="reward", title="Archive (size = visits, red = seed)")
+    return ax
+
+
+def gate_history(run: str | Path, ax=None):
+    """Held-out perplexity before/after each SDFT block, marked accepted (✓) or reverted (✗)."""
+    ax = _axes(ax)
+    blocks = sorted(Path(run).glob("block_*"))
+    xs, before, after, ok = [], [], [], []
+    for i, bdir in enumerate(blocks):
+        if not (bdir / "gate_decision.json").is_file():
+            continue
+        xs.append(i)
+        before.append(json.loads((bdir / "eval_before.json").read_text())["perplexity"])
+        after.append(json.loads((bdir / "eval_after.json").read_text())["perplexity"])
+        ok.append(json.loads((bdir / "gate_decision.json").read_text())["accepted"])
+    width = 0.38
+    ax.bar(np.asarray(xs) - width / 2, before, width, label="before", color="C7")
+    ax.bar(np.asarray(xs) + width / 2, after, width, label="after",
+           color=["C2" if a else "C3" for a in ok])
+    for x, a, y in zip(xs, ok, after):
+        ax.annotate("accepted" if a else "reverted", (x + width / 2, y), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set(xlabel="SDFT block", ylabel="held-out perplexity", title="SDFT gates (forgetting)")
+    ax.set_xticks(xs)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def h_res_heatmaps(h_res_LNN: np.ndarray, fig=None, labels: Sequence[str] | None = None):
+    """One heat map per sublayer of the token-averaged H_res (see eval/mhc_stats.py)."""
+    import matplotlib.pyplot as plt
+
+    n = len(h_res_LNN)
+    fig = fig or plt.figure(figsize=(2.2 * n, 2.4))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for i, (ax, h) in enumerate(zip(axes, h_res_LNN)):
+        ax.imshow(h, vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_title(labels[i] if labels else f"{'attn' if i % 2 == 0 else 'mlp'} {i // 2}",
+                     fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("H_res per sublayer (identity = diagonal)", fontsize=9)
+    return fig
+
+
+def save(fig_or_ax, path: str | Path) -> Path:
+    fig = getattr(fig_or_ax, "figure", fig_or_ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return Path(path)

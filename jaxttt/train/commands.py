@@ -1,0 +1,71 @@
+"""`jaxttt pretrain` and `jaxttt sample`: thin argparse wrappers over the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxttt.config import SamplingConfig
+
+_SAMPLING = SamplingConfig()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `pretrain` and `sample` to the `jaxttt` parser."""
+    p = subparsers.add_parser(
+        "pretrain", help="pretrain the mHC decoder (handoff Phase 5-6)",
+        description="Train, or resume the run in run_dir from its latest checkpoint. SIGTERM "
+                    "saves at the end of the current step and exits with status 0.")
+    p.add_argument("--config", default=None, help="YAML, e.g. configs/pretrain/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. steps=100 model.mhc.mode=none")
+    p.set_defaults(func=_pretrain)
+
+    s = subparsers.add_parser("sample", help="sample continuations from a run's checkpoint")
+    s.add_argument("--run", required=True, help="run directory (or one of its checkpoints)")
+    s.add_argument("--prompt", required=True, help="text to continue (may be empty)")
+    s.add_argument("--max-new-tokens", type=int, default=_SAMPLING.max_new_tokens)
+    s.add_argument("--temperature", type=float, default=_SAMPLING.temperature)
+    s.add_argument("--top-p", type=float, default=_SAMPLING.top_p)
+    s.add_argument("--top-k", type=int, default=_SAMPLING.top_k, help="0 = off")
+    s.add_argument("--greedy", action="store_true", help="argmax decoding")
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    s.set_defaults(func=_sample)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from jaxttt import config as C
+    from jaxttt.train.checkpoint import CheckpointError
+    from jaxttt.train.loop import NonFiniteLossError, RunDirError, enable_compile_cache, pretrain
+
+    try:
+        cfg = C.load(C.PretrainConfig, args.config, args.overrides)
+        enable_compile_cache()
+        run_dir = pretrain(cfg)
+    except (C.ConfigError, RunDirError, NonFiniteLossError, CheckpointError,
+            FileNotFoundError) as e:
+        print(f"jaxttt pretrain: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    print(f"run directory: {run_dir}", flush=True)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxttt.data.tokenizer import Tokenizer
+    from jaxttt.sampling import generate
+    from jaxttt.train.checkpoint import load_model
+
+    model, meta = load_model(args.run, step=args.step)
+    tok = Tokenizer(meta["tokenizer"])
+    prompt = [tok.eos_id] + tok.encode(args.prompt)  # EOS = document start, as in packed data
+    out = generate(model, [prompt] * args.num_samples, jax.random.key(args.seed),
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
+                   eos_id=tok.eos_id, pad_id=tok.pad_id)
+    for i, ids in enumerate(out.completions()):
+        print(f"--- sample {i + 1} (step {meta['step']}) ---")
+        print(tok.decode(prompt[1:] + ids))
+    return 0
