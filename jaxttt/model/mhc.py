@@ -89,6 +89,48 @@ class MHCMapping(nnx.Module):
         return jax.nn.sigmoid(pre_BTN), 2.0 * jax.nn.sigmoid(post_BTN), h_res
 
 
+# The stream contractions below have N = 4 terms. Written as a sum of N broadcast products
+# the forward is one fused elementwise loop (an einsum would run B*T tiny batched matmuls), but
+# autodiff of that form materialises [B,T,N,N,D] products; the hand-written backward uses
+# einsums instead. Measured on CPU at [8,256,4,256]: forward 1.0 ms vs 2.9 ms (einsum),
+# forward+backward 10 ms vs 16 ms (einsum) vs 89 ms (autodiff of the broadcast form).
+@jax.custom_vjp
+def mix_streams(h_res_BTNN: jax.Array, x_BTND: jax.Array) -> jax.Array:
+    """H_res X per token: out[n] = sum_m H_res[n, m] X[m]."""
+    return sum(h_res_BTNN[..., m, None] * x_BTND[:, :, None, m, :] for m in range(x_BTND.shape[2]))
+
+
+def _mix_fwd(h_res_BTNN, x_BTND):
+    return mix_streams(h_res_BTNN, x_BTND), (h_res_BTNN, x_BTND)
+
+
+def _mix_bwd(saved, g_BTND):
+    h_res_BTNN, x_BTND = saved
+    return (jnp.einsum("btnd,btmd->btnm", g_BTND, x_BTND),
+            jnp.einsum("btnm,btnd->btmd", h_res_BTNN, g_BTND))
+
+
+mix_streams.defvjp(_mix_fwd, _mix_bwd)
+
+
+@jax.custom_vjp
+def aggregate(h_pre_BTN: jax.Array, x_BTND: jax.Array) -> jax.Array:
+    """H_pre X per token: sum_n H_pre[n] X[n] (the sublayer's input)."""
+    return sum(h_pre_BTN[..., n, None] * x_BTND[:, :, n, :] for n in range(x_BTND.shape[2]))
+
+
+def _agg_fwd(h_pre_BTN, x_BTND):
+    return aggregate(h_pre_BTN, x_BTND), (h_pre_BTN, x_BTND)
+
+
+def _agg_bwd(saved, g_BTD):
+    h_pre_BTN, x_BTND = saved
+    return jnp.einsum("btd,btnd->btn", g_BTD, x_BTND), h_pre_BTN[..., None] * g_BTD[:, :, None, :]
+
+
+aggregate.defvjp(_agg_fwd, _agg_bwd)
+
+
 class MHCResidual(nnx.Module):
     """X' = H_res X + H_post^T F(H_pre X) around one sublayer (attention or MLP)."""
 
@@ -98,13 +140,9 @@ class MHCResidual(nnx.Module):
     def __call__(self, x_BTND: jax.Array, sublayer):
         """`sublayer(x_BTD) -> (y_BTD, aux)`; returns (X', aux)."""
         h_pre, h_post, h_res = self.mapping(x_BTND)
-        # N is tiny (4): broadcast-multiply-and-sum fuses into one loop, where an einsum would
-        # become B*T batched 4x4 matmuls (slow on CPU, no gain on accelerators).
-        x_in_BTD = jnp.sum(h_pre[..., None] * x_BTND, axis=2)
-        y_BTD, aux = sublayer(x_in_BTD)
-        res_BTND = jnp.sum(h_res[..., None] * x_BTND[:, :, None, :, :], axis=3)
+        y_BTD, aux = sublayer(aggregate(h_pre, x_BTND))
         upd_BTND = h_post[..., None] * y_BTD.astype(jnp.float32)[:, :, None, :]
-        return res_BTND + upd_BTND, aux
+        return mix_streams(h_res, x_BTND) + upd_BTND, aux
 
 
 def expand_streams(x_BTD: jax.Array, stream_emb_ND: jax.Array) -> jax.Array:
