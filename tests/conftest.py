@@ -8,3 +8,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One `jaxttt demo --quick` run per test session, shared by the demo and notebook tests."""
+    from jaxttt.demo import run_demo
+
+    return run_demo(quick=True, out=tmp_path_factory.mktemp("demo") / "demo", progress=False)

@@ -54,10 +54,13 @@ def discover_rewards(run: str | Path, ax=None):
         ax.plot(steps, [r["baseline_best_reward"] for r in rows], "s--",
                 label="best-of-N from θ0 (same samples)")
     ax.set(xlabel="TTT step", ylabel="reward", title="TTT-Discover vs best-of-N")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     twin = ax.twinx()
-    twin.plot(steps, [r["beta"] for r in rows], color="grey", alpha=0.4, lw=1)
+    twin.plot(steps, [r["beta"] for r in rows], color="grey", alpha=0.4, lw=1,
+              label="β (adaptive, right axis)")
     twin.set_ylabel("β (adaptive)", color="grey")
+    handles = [h for a in (ax, twin) for h in a.get_legend_handles_labels()[0]]
+    twin.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
     return ax
 
 
@@ -102,6 +105,53 @@ def gate_history(run: str | Path, ax=None):
     ax.set(xlabel="SDFT block", ylabel="held-out perplexity", title="SDFT gates (forgetting)")
     ax.set_xticks(xs)
     ax.legend(fontsize=8)
+    return ax
+
+
+def forgetting(run: str | Path, ax=None):
+    """Held-out perplexity (left) and probe score (right) before → after each SDFT block.
+
+    Each block is a segment from its evaluation before to its evaluation after: solid green
+    when the gate accepted it (the next block starts there), dotted red when it was reverted
+    (the next block starts from the same weights again). Rising perplexity or a falling probe
+    score across accepted blocks is forgetting.
+    """
+    ax = _axes(ax)
+    twin = ax.twinx()
+    for i, bdir in enumerate(sorted(Path(run).glob("block_*"))):
+        if not (bdir / "gate_decision.json").is_file():
+            continue
+        before = json.loads((bdir / "eval_before.json").read_text())
+        after = json.loads((bdir / "eval_after.json").read_text())
+        ok = json.loads((bdir / "gate_decision.json").read_text())["accepted"]
+        style = dict(color="C2" if ok else "C3", ls="-" if ok else ":", marker="o")
+        ax.plot([i, i + 1], [before["perplexity"], after["perplexity"]], **style)
+        if "probe/overall" in before and "probe/overall" in after:
+            twin.plot([i, i + 1], [before["probe/overall"], after["probe/overall"]],
+                      **{**style, "marker": "s", "alpha": 0.5})
+    ax.set(xlabel="SDFT block boundary", ylabel="held-out perplexity (circles)",
+           title="Forgetting (green = accepted, red = reverted)")
+    twin.set_ylabel("probe score (squares)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    return ax
+
+
+def identity_distances(h_res: dict[str, np.ndarray], ax=None):
+    """||H_res - I|| per sublayer, one group of bars per model (see eval/mhc_stats.py)."""
+    from jaxttt.eval.mhc_stats import identity_distance
+
+    ax = _axes(ax)
+    width = 0.8 / max(len(h_res), 1)
+    n = 0
+    for i, (label, h_LNN) in enumerate(h_res.items()):
+        d = identity_distance(np.asarray(h_LNN))
+        n = max(n, len(d))
+        ax.bar(np.arange(len(d)) + (i - (len(h_res) - 1) / 2) * width, d, width, label=label)
+    ax.set_xticks(range(n), [f"{'attn' if j % 2 == 0 else 'mlp'} {j // 2}" for j in range(n)],
+                  fontsize=8)
+    ax.set(xlabel="sublayer", ylabel="||H_res − I||_F", title="Drift of the mixing from identity")
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper center", ncols=max(len(h_res), 1))
     return ax
 
 
