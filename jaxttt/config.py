@@ -176,6 +176,8 @@ class GateConfig:
     max_ppl_increase: float = 0.05  # relative; perplexity may rise at most 5%
     max_probe_drop: float = 0.0  # absolute drop in probe score allowed
     enabled: bool = True
+    reference: str = "block"  # compare after-eval with: block (its before-eval) | session (the
+    #                           eval at session start: bounds drift accumulated over blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +212,7 @@ class SDFTConfig:
 
     def validate(self) -> None:
         _check(self.objective in ("sdft", "sft"), "objective", "sdft|sft")
+        _check(self.gate.reference in ("block", "session"), "gate.reference", "block|session")
         _check(self.kl_direction in ("reverse", "forward"), "kl_direction", "reverse|forward")
         for key in ("batch_size", "grad_accum", "steps_per_block", "blocks", "replay_size",
                     "kl_chunk", "max_prompt_len", "eval_seq_len", "eval_windows",

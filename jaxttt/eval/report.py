@@ -32,16 +32,18 @@ def encode_prompt(tokenizer: Tokenizer, text: str, max_len: int | None = None) -
 def default_heldout(tokenizer: Tokenizer, *, cache: Path | str | None = None) -> Path:
     """The default corpus's val split packed with `tokenizer` (built once, cached by its sha).
 
-    `cache` defaults to $JAXTTT_CACHE or ~/.cache/jaxttt (as for pretraining's default data).
-    If `ensure_default_data` already built that split with this very tokenizer, its val.bin
-    is reused; otherwise the val documents are packed with `tokenizer` (no tokenizer is trained).
+    `cache` defaults to $JAXTTT_CACHE/data (else ~/.cache/jaxttt/data), where pretraining
+    builds the default corpus. If `ensure_default_data` already built that split with this
+    very tokenizer, its val.bin is reused; otherwise the val documents are packed with
+    `tokenizer` (no tokenizer is trained).
     """
     from jaxttt.data import corpus
     from jaxttt.data.packing import _locked, default_data_dir, pack, read_meta
     from jaxttt.train.loop import cache_root
 
-    cache = Path(cache) if cache is not None else cache_root()
-    default_val = default_data_dir(cache, tokenizer.vocab_size, corpus.DEFAULT_MAX_BYTES) / "val.bin"
+    cache = Path(cache) if cache is not None else cache_root() / "data"  # as pretraining's
+    max_bytes = corpus.DEFAULT_MAX_BYTES
+    default_val = default_data_dir(cache, tokenizer.vocab_size, max_bytes) / "val.bin"
     out = cache / f"heldout-{tokenizer.sha256[:16]}" / "val.bin"
     for path in (default_val, out):
         if _packed_with(path, tokenizer, read_meta):
@@ -49,7 +51,7 @@ def default_heldout(tokenizer: Tokenizer, *, cache: Path | str | None = None) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out.parent / ".lock"):
         if not _packed_with(out, tokenizer, read_meta):
-            pack(tokenizer.path, [f"default:val:{corpus.DEFAULT_MAX_BYTES}"], out, progress=False)
+            pack(tokenizer.path, [f"default:val:{max_bytes}"], out, progress=False)
     return out
 
 

