@@ -11,12 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from jaxttt.train.metrics import read_jsonl  # noqa: F401  (re-exported for notebooks)
 
 
 def _axes(ax):

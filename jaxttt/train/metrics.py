@@ -144,7 +144,11 @@ def rewind_jsonl(path: Path, last_step: int) -> None:
 
 
 def read_jsonl(path: Path | str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All records of a JSONL file (metrics.jsonl, log.jsonl, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _tensorboard(log_dir: Path, start_step: int):
