@@ -75,12 +75,31 @@ def test_eos_stops_each_row(model):
 
 def test_filters():
     logits = jnp.log(jnp.array([[0.0, 0.5, 0.3, 0.15, 0.05]]) + 1e-30)
-    f = sampling.filter_logits(logits, 1.0, 0.7, 0, pad_id=0)
-    assert np.isfinite(np.asarray(f[0])).tolist() == [False, True, True, False, False]
-    f = sampling.filter_logits(logits, 1.0, 1.0, 3, pad_id=0)
-    assert np.isfinite(np.asarray(f[0])).tolist() == [False, True, True, True, False]
-    f = sampling.filter_logits(logits, 1.0, 0.01, 0, pad_id=0)  # always keep the top token
-    assert np.isfinite(np.asarray(f[0])).tolist() == [False, True, False, False, False]
+    kept = lambda f: (np.asarray(f[0]) > 0).tolist()  # noqa: E731
+    assert kept(sampling.filter_probs(logits, 1.0, 0.7, 0, pad_id=0)) == [False, True, True, False, False]
+    assert kept(sampling.filter_probs(logits, 1.0, 1.0, 3, pad_id=0)) == [False, True, True, True, False]
+    # always keep the top token; pad never kept even with all mass
+    assert kept(sampling.filter_probs(logits, 1.0, 0.01, 0, pad_id=0)) == [False, True, False, False, False]
+    assert kept(sampling.filter_probs(logits, 1.0, 0.95, 0, pad_id=1)) == [False, False, True, True, True]
+    # the nucleus equals the sort-based definition on random distributions
+    logits = 3.0 * jax.random.normal(jax.random.key(0), (64, 300))
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    got = np.asarray(sampling.filter_probs(logits.at[:, 0].set(-30.0), 1.0, 0.9, 0, pad_id=0) > 0)
+    for row, g in zip(np.asarray(jax.nn.softmax(logits.at[:, 0].set(-jnp.inf), -1)), got):
+        order = np.argsort(-row)
+        n_keep = max(1, int(np.sum(np.cumsum(row[order]) - row[order] < 0.9)))
+        assert set(np.flatnonzero(g)) == set(order[:n_keep].tolist())
+    del probs
+
+
+def test_inverse_cdf_sampler_matches_distribution():
+    w = np.zeros((1, 512))
+    w[0, [1, 5, 130, 511]] = [0.5, 0.2, 0.2, 0.1]  # spread over several 128-blocks
+    keys = jax.random.split(jax.random.key(5), 20000)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sampling._inverse_cdf_sample(k, jnp.asarray(w))[0]))(keys))
+    freq = np.bincount(draws, minlength=512) / len(draws)
+    assert freq.sum() == freq[[1, 5, 130, 511]].sum()  # never a zero-weight token
+    np.testing.assert_allclose(freq[[1, 5, 130, 511]], [0.5, 0.2, 0.2, 0.1], atol=0.015)
 
 
 def test_top_k_one_equals_greedy(model):

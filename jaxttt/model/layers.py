@@ -101,19 +101,32 @@ class Attention(nnx.Module):
     def _cached(self, q_BTHK, k_BTGK, v_BTGK, cache):
         """Write this call's keys/values at slot `cache['index']`, attend over valid slots.
 
-        Prompts are left-padded: slots before `cache['start'][b]` hold padding for row b.
+        The cache is laid out [B, G, S, K] so each (row, kv head) block of keys is contiguous:
+        the score and value contractions then read it in place (a [B, S, G, K] cache was
+        transposed, i.e. copied, on every decode step). Prompts are left-padded: slots before
+        `cache['start'][b]` hold padding for row b and are masked out.
         """
         idx, start_B = cache["index"], cache["start"]
-        k_BSGK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTGK.astype(cache["k"].dtype), idx, 1)
-        v_BSGK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTGK.astype(cache["v"].dtype), idx, 1)
-        T, S = q_BTHK.shape[1], k_BSGK.shape[1]
-        q_slot_T = idx + jnp.arange(T)
-        s_S = jnp.arange(S)
-        mask_BTS = (s_S[None, None, :] <= q_slot_T[None, :, None]) & \
-                   (s_S[None, None, :] >= start_B[:, None, None])
-        out = jax.nn.dot_product_attention(q_BTHK, k_BSGK.astype(q_BTHK.dtype),
-                                           v_BSGK.astype(q_BTHK.dtype), mask=mask_BTS[:, None])
-        return out, {"k": k_BSGK, "v": v_BSGK, "index": idx + T, "start": start_B}
+        B, T, H, K = q_BTHK.shape
+        G = k_BTGK.shape[2]
+        k_BGSK = jax.lax.dynamic_update_slice_in_dim(
+            cache["k"], k_BTGK.transpose(0, 2, 1, 3).astype(cache["k"].dtype), idx, 2)
+        v_BGSK = jax.lax.dynamic_update_slice_in_dim(
+            cache["v"], v_BTGK.transpose(0, 2, 1, 3).astype(cache["v"].dtype), idx, 2)
+        S = k_BGSK.shape[2]
+        q_BGRTK = q_BTHK.reshape(B, T, G, H // G, K).transpose(0, 2, 3, 1, 4)
+        s_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK.astype(q_BTHK.dtype),
+                             preferred_element_type=jnp.float32) * (K ** -0.5)
+        slot_S, q_slot_T = jnp.arange(S), idx + jnp.arange(T)
+        mask_BTS = (slot_S[None, None, :] <= q_slot_T[None, :, None]) & \
+                   (slot_S[None, None, :] >= start_B[:, None, None])
+        # a finite floor, not -inf: padding queries (fully masked rows) must stay finite, since
+        # their values are later multiplied by zero weights (0 * nan = nan).
+        s_BGRTS = jnp.where(mask_BTS[:, None, None], s_BGRTS, jnp.finfo(jnp.float32).min)
+        p_BGRTS = jax.nn.softmax(s_BGRTS, axis=-1).astype(q_BTHK.dtype)
+        out_BGRTK = jnp.einsum("bgrts,bgsk->bgrtk", p_BGRTS, v_BGSK.astype(q_BTHK.dtype))
+        out_BTHK = out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
+        return out_BTHK, {"k": k_BGSK, "v": v_BGSK, "index": idx + T, "start": start_B}
 
 
 class SwiGLU(nnx.Module):

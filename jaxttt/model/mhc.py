@@ -82,8 +82,12 @@ class MHCMapping(nnx.Module):
 
     def __call__(self, x_BTND: jax.Array):
         B, T, N, D = x_BTND.shape
-        xn_BTM = self.norm(x_BTND.astype(jnp.float32).reshape(B, T, N * D))
-        h_BTO = xn_BTM @ self.phi[...]
+        x_BTM = x_BTND.astype(jnp.float32).reshape(B, T, N * D)
+        # RMSNorm(x) phi = r * (x (diag(scale) phi)) with r = rsqrt(mean x^2 + eps) per token:
+        # the same numbers without materialising the normalised [B, T, N*D] copy of the streams
+        # (its forward and backward dominated the mapping's cost).
+        r_BT1 = jax.lax.rsqrt(jnp.mean(jnp.square(x_BTM), axis=-1, keepdims=True) + self.norm.eps)
+        h_BTO = (x_BTM @ (self.norm.scale[...][:, None] * self.phi[...])) * r_BT1
         a = self.alpha[...]
         pre_BTN = a[0] * h_BTO[..., :N] + self.b_pre[...]
         post_BTN = a[1] * h_BTO[..., N:2 * N] + self.b_post[...]

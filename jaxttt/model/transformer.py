@@ -82,16 +82,19 @@ class Transformer(nnx.Module):
         """Logits from input embeddings (for gradient checks such as causality)."""
         return self.unembed(self._run(x_BTD, pos_BT, None, use_lora)[0])
 
-    def decode(self, tokens_BT, pos_BT, cache, *, use_lora: bool = True):
-        """Forward with a KV cache (prefill or one decode step): (logits_BTV, new cache)."""
+    def decode(self, tokens_BT, pos_BT, cache, *, use_lora: bool = True, last_only: bool = False):
+        """Forward with a KV cache (prefill or one decode step): (logits_BTV, new cache).
+
+        `last_only` unembeds only the last position (a prefill needs nothing else).
+        """
         h, cache = self._run(self.embed_tokens(tokens_BT), pos_BT, cache, use_lora)
-        return self.unembed(h), cache
+        return self.unembed(h[:, -1:] if last_only else h), cache
 
     def unembed(self, h_BTD: jax.Array) -> jax.Array:
         if self.lm_head is not None:
             logits = self.lm_head(h_BTD, use_lora=False)
         else:
-            logits = h_BTD.astype(self.dtype) @ self.embed[...].astype(self.dtype).T
+            logits = tied_unembed(h_BTD.astype(self.dtype), self.embed[...].astype(self.dtype))
         return constrain(logits.astype(jnp.float32), "batch", "seq", "vocab")
 
     def unembed_matrix(self) -> jax.Array:
@@ -127,20 +130,51 @@ class Transformer(nnx.Module):
         return block(x, pos_BT, cache, use_lora)
 
 
+@jax.custom_vjp
+def tied_unembed(h_BTD: jax.Array, embed_VD: jax.Array) -> jax.Array:
+    """logits = h E^T with the tied embedding E [V, D].
+
+    The hand-written backward computes dE as (h^T g)^T, transposing the small [T, D] operand;
+    left to itself XLA transposes the [T, V] logits gradient instead (a 64 MB copy per step at
+    the bench shape; the custom backward makes the whole step ~6% faster on CPU).
+    """
+    return h_BTD @ embed_VD.T
+
+
+def _unembed_fwd(h_BTD, embed_VD):
+    return tied_unembed(h_BTD, embed_VD), (h_BTD, embed_VD)
+
+
+def _unembed_bwd(saved, g_BTV):
+    h_BTD, embed_VD = saved
+    D, V = h_BTD.shape[-1], g_BTV.shape[-1]
+    d_embed_DV = h_BTD.reshape(-1, D).T @ g_BTV.reshape(-1, V).astype(h_BTD.dtype)
+    return (g_BTV.astype(h_BTD.dtype) @ embed_VD).astype(h_BTD.dtype), d_embed_DV.T.astype(embed_VD.dtype)
+
+
+tied_unembed.defvjp(_unembed_fwd, _unembed_bwd)
+
+
 def init_cache(cfg: ModelConfig, batch: int, slots: int, start_B: jax.Array | None = None,
                dtype=None) -> dict:
     """Empty KV cache with `slots` positions per row; `start_B` = first valid slot of each row."""
     dtype = dtype or DTYPES[cfg.dtype]
-    shape = (batch, slots, cfg.kv_heads, cfg.d_head)
+    shape = (batch, cfg.kv_heads, slots, cfg.d_head)  # [B, G, S, K]
     layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
     start = jnp.zeros((batch,), jnp.int32) if start_B is None else start_B.astype(jnp.int32)
     return {"layers": layers, "index": jnp.zeros((), jnp.int32), "start": start}
 
 
 def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """log p(target_t | ...) for each position, float32."""
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    """log p(target_t | ...) for each position, float32.
+
+    The target logit is picked with a one-hot product, not a gather: its gradient is then an
+    elementwise (fused) op instead of a scatter into [B,T,V] (25% faster step on CPU).
+    """
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32)
+    picked_BT = jnp.sum(logits_BTV * onehot_BTV, axis=-1)
+    return picked_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT=None) -> jax.Array:
