@@ -20,10 +20,10 @@ DISCOVER_TARGET = "return"  # a word the stdlib-trained model can learn to say
 
 @dataclasses.dataclass(frozen=True)
 class DemoPlan:
-    pretrain_steps: int = 160
+    pretrain_steps: int = 400
     batch_size: int = 16
     seq_len: int = 128
-    discover_steps: int = 10
+    discover_steps: int = 16
     rollouts: int = 16
     sdft_blocks: int = 2
     sdft_steps_per_block: int = 4
