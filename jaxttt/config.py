@@ -162,6 +162,7 @@ class PretrainConfig:
     log_every: int = 10
     seed: int = 0
     run_dir: str = ""  # empty = runs/pretrain-<time>
+    ckpt_dir: str = ""  # where checkpoints go (e.g. gs://BUCKET/x on TPU); empty = RUN/checkpoints
 
     def validate(self) -> None:
         self.model.validate()

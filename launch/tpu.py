@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run / logs / stop")
     g.add_argument("--ckpt-dir", default=None, help="gs:// run directory, appended to the "
                                                     "command as <ckpt-key>=<ckpt-dir>")
-    g.add_argument("--ckpt-key", default="run_dir", help="config key for --ckpt-dir")
+    g.add_argument("--ckpt-key", default="ckpt_dir", help="config key for --ckpt-dir")
     g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the run (repeatable)")
     g.add_argument("--log-name", default="run",

@@ -15,7 +15,7 @@ from launch import local, tpu
 
 WORKER = str(Path(__file__).with_name("_dist_worker.py"))
 PRETRAIN = ["jaxttt", "pretrain", "--config", "configs/pretrain/120m.yaml",
-            "run_dir=gs://BUCKET/runs/x"]
+            "run_dir=runs/x ckpt_dir=gs://BUCKET/runs/x"]
 
 
 def _args(action: str, *extra: str, command: list[str] | None = None):
@@ -79,7 +79,7 @@ def test_run_dry_run_prints_quoted_command(acc, zone, capsys):
 
 def test_ckpt_dir_is_appended_as_override():
     args = _args("run", "--zone", "z", "--ckpt-dir", "gs://b/r", command=["jaxttt", "pretrain"])
-    assert tpu.remote_command(args) == ["jaxttt", "pretrain", "run_dir=gs://b/r"]
+    assert tpu.remote_command(args) == ["jaxttt", "pretrain", "ckpt_dir=gs://b/r"]
 
 
 def test_logs_stop_delete_target_all_workers():

@@ -332,3 +332,15 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float) -> None:
 
 def _complete_lines(path: Path) -> int:
     return path.read_text().count("\n") if path.is_file() else 0
+
+
+def test_checkpoints_in_a_separate_ckpt_dir_resume_and_load(tmp_path):
+    """ckpt_dir (e.g. gs://BUCKET/x on TPU) holds the checkpoints; the run dir keeps the logs."""
+    run, store = tmp_path / "run", tmp_path / "bucket" / "x"
+    pretrain(tiny(run, "steps=4", "save_every=2", "eval_every=0", f"ckpt_dir={store}"))
+    assert sorted(p.name for p in store.iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert not (run / "checkpoints").exists()
+    pretrain(tiny(run, "steps=6", "save_every=2", "eval_every=0", f"ckpt_dir={store}"))  # resumes
+    assert [r["step"] for r in rows(run)] == list(range(1, 7))
+    model, meta = load_model(run)
+    assert meta["step"] == 6 and model.cfg.n_layers == 1

@@ -18,6 +18,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+import yaml
+from etils import epath
+
 from jaxttt import config as C
 from jaxttt import sharding
 
@@ -39,8 +42,9 @@ def _abstract(state, mesh):
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with the items params / opt / meta."""
 
-    def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.dir = _abs(run_dir) / CKPT_DIR
+    def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True,
+                 ckpt_dir: str | Path | None = None):
+        self.dir = _abs(ckpt_dir) if ckpt_dir else _abs(run_dir) / CKPT_DIR
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.dir, options=opts)
@@ -81,9 +85,18 @@ class Checkpointer:
         self.manager.close()
 
 
-def _abs(path: str | Path) -> Path:
+def _abs(path: str | Path) -> epath.Path:
+    """Absolute local path, or a remote one (gs://...) that orbax writes through epath."""
     p = str(path)
-    return Path(p) if "://" in p else Path(p).absolute()
+    return epath.Path(p) if "://" in p else epath.Path(Path(p).absolute())
+
+
+def checkpoint_dir(run_dir: str | Path) -> str | None:
+    """The run's `ckpt_dir` setting from its config.yaml (None = RUN/checkpoints)."""
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        return None
+    return (yaml.safe_load(cfg_file.read_text()) or {}).get("ckpt_dir") or None
 
 
 def save_model_config(run_dir: str | Path, model_cfg: C.ModelConfig) -> None:
@@ -117,7 +130,7 @@ def load_model(path: str | Path, *, mesh=None, step: int | None = None,
     mesh = mesh or sharding.single_device_mesh()
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
-    ckpt = Checkpointer(run_dir, async_save=False)
+    ckpt = Checkpointer(run_dir, async_save=False, ckpt_dir=checkpoint_dir(run_dir))
     try:
         params, _, meta = ckpt.restore(abs_params, mesh=mesh, step=step)
     finally:

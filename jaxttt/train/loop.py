@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -100,7 +101,9 @@ def _user_data(cfg: C.PretrainConfig) -> DataFiles:
 def open_run_dir(cfg: C.PretrainConfig) -> tuple[Path, int | None]:
     """(run directory, step to resume from or None); refuses to overwrite anything."""
     run_dir = Path(cfg.run_dir or _default_run_dir()).absolute()
-    steps = sorted(int(p.name) for p in (run_dir / CKPT_DIR).glob("*") if p.name.isdigit())
+    ckpts = epath.Path(cfg.ckpt_dir) if cfg.ckpt_dir else epath.Path(run_dir / CKPT_DIR)
+    steps = sorted(int(p.name) for p in ckpts.glob("*") if p.name.isdigit()) \
+        if ckpts.exists() else []
     if steps:
         _check_same_model(run_dir, cfg.model)
         _say(f"run: resuming {run_dir} from its latest checkpoint, step {steps[-1]}")
@@ -219,7 +222,7 @@ def pretrain(cfg: C.PretrainConfig) -> Path:
     _barrier("run_dir")  # every process has looked before process 0 writes
     trainer = make_train_step(cfg.model, cfg.optim, mesh, grad_accum=cfg.grad_accum,
                               total_steps=cfg.steps)
-    with closing(Checkpointer(run_dir, keep=cfg.keep)) as ckpt:  # close = wait for saves
+    with closing(Checkpointer(run_dir, keep=cfg.keep, ckpt_dir=cfg.ckpt_dir or None)) as ckpt:  # close = wait for saves
         st = initial_state(cfg, trainer, ckpt, resume, loader)
         _write_run_files(run_dir, cfg)
         _say(sharding.describe(trainer.model(st.params), mesh))
