@@ -113,7 +113,6 @@ def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
     graphdef, abs_state = nnx.split(abstract)
     shardings = state_shardings(abs_state, mesh)
 
-    @jax.jit
     def init():
         return nnx.state(factory())
 

@@ -83,13 +83,11 @@ def test_filters():
     assert kept(sampling.filter_probs(logits, 1.0, 0.95, 0, pad_id=1)) == [False, False, True, True, True]
     # the nucleus equals the sort-based definition on random distributions
     logits = 3.0 * jax.random.normal(jax.random.key(0), (64, 300))
-    probs = np.asarray(jax.nn.softmax(logits, -1))
     got = np.asarray(sampling.filter_probs(logits.at[:, 0].set(-30.0), 1.0, 0.9, 0, pad_id=0) > 0)
     for row, g in zip(np.asarray(jax.nn.softmax(logits.at[:, 0].set(-jnp.inf), -1)), got):
         order = np.argsort(-row)
         n_keep = max(1, int(np.sum(np.cumsum(row[order]) - row[order] < 0.9)))
         assert set(np.flatnonzero(g)) == set(order[:n_keep].tolist())
-    del probs
 
 
 def test_inverse_cdf_sampler_matches_distribution():
