@@ -54,11 +54,9 @@ def new_run_dir(out: str | Path | None) -> Path:
         out, i = Path("runs") / f"demo-{stamp}", 1
         while out.exists():
             out, i = Path("runs") / f"demo-{stamp}-{i}", i + 1
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty; demo runs never overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    return out.absolute()
+    from jaxttt.train.checkpoint import fresh_run_dir
+
+    return fresh_run_dir(out)
 
 
 class Stages:

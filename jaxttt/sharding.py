@@ -150,6 +150,11 @@ def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces the batch dimension is split into (batch sizes must divide by it)."""
+    return math.prod(mesh.shape[a] for a in _as_tuple(RULES["batch"]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of an input batch [B, ...]: batch over data and fsdp."""
     return NamedSharding(mesh, P(RULES["batch"], *([None] * (ndim - 1))))

@@ -48,6 +48,7 @@ from jaxttt.discover.step import DiscoverTrainer
 from jaxttt.eval.report import encode_prompt
 from jaxttt.model import lora
 from jaxttt.sampling import generate
+from jaxttt.train.checkpoint import RunDirError, fresh_run_dir  # noqa: F401 (RunDirError: API)
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
@@ -56,19 +57,6 @@ BASELINE_LOG = "baseline_log.jsonl"
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapters"
 INVALID = "invalid action"  # prefix of safe_reward's error for an empty state (not an env fault)
-
-
-class RunDirError(ValueError):
-    """The output directory exists and is not empty (runs are never overwritten or resumed)."""
-
-
-def check_run_dir(out_dir: str | Path) -> Path:
-    """`out_dir` as an absolute path; raises if it exists and is not an empty directory."""
-    path = Path(out_dir).absolute()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise RunDirError(f"{path}: output directory exists and is not empty; TTT-Discover runs "
-                          "are never overwritten or resumed, choose a new --out")
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,13 +332,12 @@ def run_discover(model: nnx.Module, tokenizer, cfg: DiscoverConfig, out_dir: str
     cfg.env_options)`); writes the run directory `out_dir` and returns its summary dict
     (best_reward, baseline_best_reward, step_wall_s, rollout_tokens_per_s, ...)."""
     cfg.validate()
-    run_dir = check_run_dir(out_dir)
+    run_dir = fresh_run_dir(out_dir)
     if env is None:
         env = load_env(cfg.env, cfg.env_options)
     else:  # config.yaml and result.json then name the env actually used
         cfg = dataclasses.replace(cfg, env=env_spec(env), env_options=dict(env.options))
     mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
-    run_dir.mkdir(parents=True, exist_ok=True)
     C.save_yaml(cfg, run_dir / CONFIG_FILE)
     t0 = time.perf_counter()
     run = DiscoverRun(model, tokenizer, env, cfg, mesh, run_dir)
@@ -373,7 +360,7 @@ def run_discover_from_checkpoint(ckpt: str | Path, cfg: DiscoverConfig, out_dir:
     from jaxttt.train.checkpoint import load_model
 
     cfg.validate()
-    check_run_dir(out_dir)  # fail before loading anything
+    fresh_run_dir(out_dir)  # fail before loading anything
     mesh = sharding.make_mesh(cfg.mesh)
     model, meta = load_model(ckpt, mesh=mesh)
     tok_path = tokenizer or meta.get("tokenizer")

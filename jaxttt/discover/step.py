@@ -158,7 +158,7 @@ class DiscoverTrainer:
 
     @property
     def rows_multiple(self) -> int:
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return sharding.batch_shards(self.mesh)
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.lora, self.frozen)

@@ -20,6 +20,7 @@ from jaxttt.data.tokenizer import Tokenizer
 from jaxttt.eval.gates import PPL_KEY
 from jaxttt.eval.perplexity import perplexity
 from jaxttt.eval.probes import Probe, load_probes, probe_metrics, score_probes
+from jaxttt.sharding import batch_shards
 
 def encode_prompt(tokenizer: Tokenizer, text: str, max_len: int | None = None) -> list[int]:
     """`[EOS] + encode(text)`, left-truncated to the last `max_len` tokens (the start marker kept)."""
@@ -98,7 +99,7 @@ def _batch_mesh(mesh, heldout: Path, seq_len: int, batch_size: int, max_windows:
     if mesh is None:
         return None
     rows = min(batch_size, len(WindowSource(heldout, seq_len)), max_windows)
-    return mesh if rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
+    return mesh if rows % batch_shards(mesh) == 0 else None
 
 
 def evaluate(model, tokenizer: Tokenizer, *, heldout_bin: str | Path | None = None,

@@ -158,9 +158,10 @@ def consolidate(run_dirs: Sequence[str | Path], ckpt: str | Path, out_dir: str |
     Only `ckpt` (a plain model run) is loaded; the discovery runs contribute their logs only.
     `sdft_kwargs` go to `run_sdft` (tokenizer, mesh, replay_sources, progress).
     """
-    from jaxttt.sdft.loop import prepare_out_dir, run_sdft, write_json
+    from jaxttt.sdft.loop import run_sdft, write_json
+    from jaxttt.train.checkpoint import fresh_run_dir
 
-    out = prepare_out_dir(out_dir)
+    out = fresh_run_dir(out_dir)
     data = out / DATASET_FILE
     stats = discoveries_to_sdft(run_dirs, data, min_reward=min_reward,
                                 best_per_problem=best_per_problem, top_k=top_k,

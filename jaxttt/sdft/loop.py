@@ -41,7 +41,7 @@ from jaxttt.sdft.data import Example, load_jsonl
 from jaxttt.sdft.replay import ReplayBuffer
 from jaxttt.sdft.step import SDFTTrainer
 from jaxttt.sharding import make_mesh
-from jaxttt.train.checkpoint import Checkpointer, load_model, save_model_config
+from jaxttt.train.checkpoint import Checkpointer, fresh_run_dir, load_model, save_model_config
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -50,20 +50,6 @@ SUMMARY_FILE = "summary.json"
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
-def prepare_out_dir(out_dir: str | Path, keep_files: Sequence[str] = ()) -> Path:
-    """Create `out_dir`; refuse one that holds anything but `keep_files` (never overwrite)."""
-    out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a directory")
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    stray = [n for n in present if n not in set(keep_files)]
-    if stray:
-        raise FileExistsError(f"{out}: output directory is not empty ({', '.join(stray[:5])}); "
-                              "choose a new --out (runs are never overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def tokenizer_path(meta: dict, ckpt: str | Path, explicit: str | Path | None) -> Path:
     """The explicit tokenizer, else the one recorded in the checkpoint meta."""
     path = explicit or meta.get("tokenizer")
@@ -243,7 +229,7 @@ def run_sdft(ckpt: str | Path, data_path: str | Path, out_dir: str | Path, cfg: 
     """
     cfg.validate()
     examples, n_bad = load_jsonl(data_path, skip_bad=skip_bad)
-    out = prepare_out_dir(out_dir, keep_files)
+    out = fresh_run_dir(out_dir, keep=keep_files)
     stream = ExampleStream(examples, cfg.seed)
     probes = resolve_probes(cfg.probes)
     mesh = mesh or make_mesh(cfg.mesh)

@@ -264,7 +264,7 @@ class SDFTTrainer:
 
     @property
     def rows_multiple(self) -> int:
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return sharding.batch_shards(self.mesh)
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.trainable, self.frozen)

@@ -32,6 +32,26 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or unreadable; the message names the path."""
 
 
+class RunDirError(FileExistsError):
+    """A run directory cannot be used: it would be overwritten, or does not match the config."""
+
+
+def fresh_run_dir(path: str | Path, *, keep: tuple[str, ...] | list[str] = ()) -> Path:
+    """Create `path` (absolute) for a new run; refuse one holding anything but `keep` names.
+
+    Every loop that writes a new run directory goes through here, so none overwrites a run.
+    """
+    out = Path(path).absolute()
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out}: exists and is not a directory")
+    stray = sorted(p.name for p in out.iterdir() if p.name not in set(keep)) if out.is_dir() else []
+    if stray:
+        raise RunDirError(f"{out}: output directory is not empty ({', '.join(stray[:5])}); "
+                          "runs are never overwritten, choose a new output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _abstract(state, mesh):
     """ShapeDtypeStructs carrying the target shardings (restore straight onto `mesh`)."""
     shardings = sharding.state_shardings(state, mesh)

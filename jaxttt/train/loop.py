@@ -30,7 +30,8 @@ from jaxttt.data.packing import ensure_default_data, read_meta
 from jaxttt.data.tokenizer import Tokenizer
 from jaxttt.eval.perplexity import perplexity
 from jaxttt.train import metrics as M
-from jaxttt.train.checkpoint import CKPT_DIR, MODEL_YAML, Checkpointer, save_model_config
+from jaxttt.train.checkpoint import (CKPT_DIR, MODEL_YAML, Checkpointer, RunDirError,  # noqa: F401
+                                     save_model_config)
 from jaxttt.train.step import TrainStep, make_train_step
 
 CONFIG_YAML = "config.yaml"
@@ -38,10 +39,6 @@ CONFIG_YAML = "config.yaml"
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became NaN/inf; the message names the step and checkpoint."""
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used (it would be overwritten, or does not match)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +311,7 @@ def _raise_non_finite(step: int, m: dict, ckpt: Checkpointer) -> None:
 # helpers
 # --------------------------------------------------------------------------------------------
 def _check_batch(cfg: C.PretrainConfig, mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     if cfg.data.batch_size % shards:
         raise C.ConfigError(f"config key 'data.batch_size': {cfg.data.batch_size} is not divisible "
                             f"by the mesh's data*fsdp = {shards} batch shards")
