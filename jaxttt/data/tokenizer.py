@@ -179,3 +179,8 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self._path)!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """The tokenizer stored at `path`: the one entry point every command loads tokenizers by."""
+    return Tokenizer(path)

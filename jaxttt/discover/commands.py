@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,18 +62,11 @@ def build_config(args: argparse.Namespace):
 
 
 def _discover(args: argparse.Namespace) -> int:
-    from jaxttt.config import ConfigError
-    from jaxttt.discover.env import EnvError
-    from jaxttt.discover.loop import RunDirError, run_discover_from_checkpoint
-    from jaxttt.train.checkpoint import CheckpointError
+    from jaxttt.discover.loop import run_discover_from_checkpoint
 
-    try:
-        cfg = build_config(args)
-        summary = run_discover_from_checkpoint(args.ckpt, cfg, args.out, tokenizer=args.tokenizer,
-                                               progress=not args.no_progress)
-    except (ConfigError, EnvError, RunDirError, CheckpointError, FileNotFoundError) as e:
-        print(f"jaxttt discover: error: {e}", file=sys.stderr, flush=True)
-        return 1
+    cfg = build_config(args)
+    summary = run_discover_from_checkpoint(args.ckpt, cfg, args.out, tokenizer=args.tokenizer,
+                                           progress=not args.no_progress)
     keys = ("run_dir", "problem_id", "steps", "samples", "best_reward", "baseline_best_reward",
             "best_state", "step_wall_s", "rollout_tokens_per_s", "n_errors", "final_adapter")
     print(json.dumps({k: summary[k] for k in keys}, indent=2, ensure_ascii=False), flush=True)

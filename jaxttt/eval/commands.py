@@ -35,10 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # Run history
 # ---------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> Any:
+    from jaxttt.errors import UserError
+
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def discovery_log_stats(path: Path) -> dict[str, Any]:
@@ -100,23 +102,23 @@ def _model_source(args) -> str | None:
 
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
-    from jaxttt.data.tokenizer import Tokenizer
+    from jaxttt.errors import UserError
     from jaxttt.eval.report import evaluate
-    from jaxttt.sdft.loop import tokenizer_path
-    from jaxttt.train.checkpoint import load_model
+    from jaxttt.runs import load_run
 
+    if not Path(args.run).is_dir():
+        raise UserError(f"{args.run}: no such run directory")
     report: dict[str, Any] = {"run": str(Path(args.run).absolute())}
     report.update(run_history(args.run))
     src = _model_source(args)
     if src is None:
         if len(report) == 1:
-            raise ValueError(f"{args.run}: neither a model run (model.yaml + checkpoints/) nor a "
-                             "run with results; pass --ckpt to evaluate a model")
+            raise UserError(f"{args.run}: neither a model run (model.yaml + checkpoints/) nor a "
+                            "run with results; pass --ckpt to evaluate a model")
         report["model"] = None
         report["note"] = "no model evaluated: --run is not a model run (pass --ckpt BASE)"
         return report
-    model, meta = load_model(src, step=args.step)
-    tok = Tokenizer(tokenizer_path(meta, src, args.tokenizer))
+    model, tok, meta = load_run(src, step=args.step, tokenizer=args.tokenizer)
     report["model"] = {"ckpt": str(Path(src).absolute()), "step": meta.get("step"),
                        "kind": meta.get("kind", "pretrain")}
     report["eval"] = evaluate(model, tok, heldout_bin=args.heldout, seq_len=args.seq_len,
@@ -126,12 +128,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from jaxttt.sdft.commands import user_errors
-
-    try:
-        report = build_report(args)
-    except user_errors() as e:
-        raise SystemExit(f"jaxttt eval: error: {e}") from None
+    report = build_report(args)
     text = json.dumps(report, indent=2, default=str)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,6 @@ import argparse
 import json
 
 
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that are the user's to fix: printed as one line, exit status 1, no traceback."""
-    from jaxttt.train.checkpoint import CheckpointError
-    return (ValueError, FileNotFoundError, FileExistsError, CheckpointError)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `sdft` and `consolidate` to the `jaxttt` parser."""
     _register_sdft(subparsers)
@@ -73,10 +66,7 @@ def _report(summary: dict) -> None:
 def _sdft(args: argparse.Namespace) -> None:
     from jaxttt.sdft.loop import run_sdft
 
-    try:
-        summary = run_sdft(args.ckpt, args.data, args.out, _load_config(args), **_run_kwargs(args))
-    except user_errors() as e:
-        raise SystemExit(f"jaxttt sdft: error: {e}") from None
+    summary = run_sdft(args.ckpt, args.data, args.out, _load_config(args), **_run_kwargs(args))
     _report(summary)
 
 
@@ -84,12 +74,9 @@ def _consolidate(args: argparse.Namespace) -> None:
     from jaxttt.sdft.consolidate import consolidate
 
     kw = _run_kwargs(args)
-    try:
-        summary = consolidate(args.discoveries, args.ckpt, args.out, _load_config(args),
-                              min_reward=args.min_reward, best_per_problem=args.top_k is None,
-                              top_k=args.top_k, demonstration=args.demonstration,
-                              skip_bad=kw.pop("skip_bad"), **kw)
-    except user_errors() as e:
-        raise SystemExit(f"jaxttt consolidate: error: {e}") from None
+    summary = consolidate(args.discoveries, args.ckpt, args.out, _load_config(args),
+                          min_reward=args.min_reward, best_per_problem=args.top_k is None,
+                          top_k=args.top_k, demonstration=args.demonstration,
+                          skip_bad=kw.pop("skip_bad"), **kw)
     _report(summary)
     print(json.dumps({k: summary["consolidation"][k] for k in ("rows", "kept", "problems")}))

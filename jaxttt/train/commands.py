@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jaxttt.config import SamplingConfig
 
@@ -36,17 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from jaxttt import config as C
-    from jaxttt.train.checkpoint import CheckpointError
-    from jaxttt.train.loop import NonFiniteLossError, RunDirError, enable_compile_cache, pretrain
+    from jaxttt.errors import UserError
+    from jaxttt.runs import config_for_resume
+    from jaxttt.train.loop import NonFiniteLossError, enable_compile_cache, pretrain
 
+    cfg = config_for_resume(C.load(C.PretrainConfig, args.config, args.overrides), args.config)
+    enable_compile_cache()
     try:
-        cfg = C.load(C.PretrainConfig, args.config, args.overrides)
-        enable_compile_cache()
         run_dir = pretrain(cfg)
-    except (C.ConfigError, RunDirError, NonFiniteLossError, CheckpointError,
-            FileNotFoundError) as e:
-        print(f"jaxttt pretrain: error: {e}", file=sys.stderr, flush=True)
-        return 1
+    except NonFiniteLossError as e:  # names the step and the last good checkpoint
+        raise UserError(str(e)) from None
     print(f"run directory: {run_dir}", flush=True)
     return 0
 
@@ -54,12 +52,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import jax
 
-    from jaxttt.data.tokenizer import Tokenizer
+    from jaxttt.runs import load_run
     from jaxttt.sampling import generate
-    from jaxttt.train.checkpoint import load_model
 
-    model, meta = load_model(args.run, step=args.step)
-    tok = Tokenizer(meta["tokenizer"])
+    model, tok, meta = load_run(args.run, step=args.step)
     prompt = [tok.eos_id] + tok.encode(args.prompt)  # EOS = document start, as in packed data
     out = generate(model, [prompt] * args.num_samples, jax.random.key(args.seed),
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,

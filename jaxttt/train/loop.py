@@ -208,7 +208,7 @@ def pretrain(cfg: C.PretrainConfig) -> Path:
     cfg.validate()
     cfg, files = resolve_data(cfg)
     loader = data_loader.make_loader(files.train, seq_len=cfg.data.seq_len,
-                                     global_batch=cfg.data.batch_size, seed=cfg.data.seed,
+                                     global_batch=cfg.data.batch_size, seed=cfg.seed,
                                      expect_vocab=cfg.model.vocab_size)
     mesh = sharding.make_mesh(cfg.mesh)
     _check_batch(cfg, mesh)
