@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import math
 import numbers
+import re
 import sys
 import threading
 from pathlib import Path
@@ -64,6 +65,11 @@ class DiscoveryEnv(abc.ABC):
     def transition(self, action: str) -> str:
         """Parse a model output into a new state; "" (or an exception) means invalid."""
 
+    def transition_from(self, start_state: str, action: str) -> str:
+        """The new state from an action sampled at `start_state`. Envs whose actions build on
+        the start state's data (a program refining the current construction) override this."""
+        return self.transition(action)
+
     @abc.abstractmethod
     def reward(self, state: str) -> float:
         """Deterministic, verifiable, preferably continuous; 0.0 for an invalid state."""
@@ -81,8 +87,9 @@ def _as_reward(value: Any) -> float:
     return r
 
 
-def _transition_and_reward(env: DiscoveryEnv, action: str) -> tuple[str, float]:
-    state = env.transition(action)
+def _transition_and_reward(env: DiscoveryEnv, action: str,
+                           start_state: str | None) -> tuple[str, float]:
+    state = env.transition(action) if start_state is None else env.transition_from(start_state, action)
     if not isinstance(state, str):
         raise TypeError(f"transition must return str, got {type(state).__name__}")
     if not state:
@@ -90,8 +97,10 @@ def _transition_and_reward(env: DiscoveryEnv, action: str) -> tuple[str, float]:
     return state, _as_reward(env.reward(state))
 
 
-def safe_reward(env: DiscoveryEnv, action: str, timeout_s: float = 10.0) -> tuple[str, float, str | None]:
+def safe_reward(env: DiscoveryEnv, action: str, timeout_s: float = 10.0,
+                start_state: str | None = None) -> tuple[str, float, str | None]:
     """(state, reward, error): transition + reward with every failure mapped to reward 0.
+    With `start_state` (the state the action was sampled from) the env's `transition_from`.
 
     Runs in a daemon worker thread joined with `timeout_s`. Python cannot kill a thread, so a
     hung env keeps its thread (and a CPU core, if it spins) until it returns or the process
@@ -102,7 +111,7 @@ def safe_reward(env: DiscoveryEnv, action: str, timeout_s: float = 10.0) -> tupl
 
     def work() -> None:
         try:
-            box["out"] = _transition_and_reward(env, action)
+            box["out"] = _transition_and_reward(env, action, start_state)
         except BaseException as e:  # noqa: BLE001 - any env failure is reward 0
             box["err"] = f"{type(e).__name__}: {e}"
 
@@ -130,9 +139,35 @@ def reward_record(env: DiscoveryEnv, prompt: str, action: str, state: str, rewar
 # Loading
 # --------------------------------------------------------------------------------------------
 def builtin_envs() -> dict[str, type[DiscoveryEnv]]:
-    from jaxttt.discover import envs
+    from jaxttt.discover import envs, problems
     return {"toy": envs.ToyStringEnv, "numeric": envs.NumericTargetEnv,
-            "code": envs.CodeTestsEnv, "gsm8k": envs.GSM8KEnv}
+            "code": envs.CodeTestsEnv, "gsm8k": envs.GSM8KEnv, **problems.PROBLEMS}
+
+
+def split_spec(spec: str) -> tuple[str, dict]:
+    """`name:key=value,key=value` for a built-in env -> (name, options), values parsed as YAML
+    (`circle_packing:n=26`, `numeric:target=[1, 2],alpha=0.5`); a class may parse its own tail
+    with a `spec_options(tail)` classmethod. Other specs (module:Class, file.py:Class) come back
+    unchanged with {}."""
+    name, sep, tail = spec.partition(":")
+    builtins = builtin_envs()
+    if not sep or name not in builtins:
+        return spec, {}
+    parse = getattr(builtins[name], "spec_options", None)
+    if parse is not None:
+        return name, dict(parse(tail))
+    import yaml
+
+    options = {}
+    for item in filter(None, (p.strip() for p in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", tail))):
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise EnvError(f"env spec {spec!r}: expected {name}:key=value[,key=value], got {item!r}")
+        try:
+            options[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise EnvError(f"env spec {spec!r}: cannot parse the value of {key.strip()!r} ({e})") from e
+    return name, options
 
 
 def _module_from_file(path_str: str):
@@ -180,8 +215,14 @@ def _resolve_class(spec: str) -> type:
 
 
 def load_env(spec: str, options: dict | None = None) -> DiscoveryEnv:
-    """Build an env from a built-in name (toy, numeric, code, gsm8k), `package.module:Class`
-    or `path/to/file.py:Class`, passing `options` as keyword arguments."""
+    """Build an env from a built-in name (toy, numeric, code, gsm8k, circle_packing, ...),
+    optionally with options in the name (`circle_packing:n=26`), `package.module:Class` or
+    `path/to/file.py:Class`, passing `options` as keyword arguments."""
+    spec, spec_options = split_spec(spec)
+    clash = sorted(k for k in spec_options if k in (options or {}) and options[k] != spec_options[k])
+    if clash:
+        raise EnvError(f"env {spec!r}: option {clash[0]!r} given twice with different values")
+    options = {**spec_options, **(options or {})}
     cls = _resolve_class(spec)
     if not (inspect.isclass(cls) and issubclass(cls, DiscoveryEnv)):
         raise EnvError(f"{spec!r} is not a DiscoveryEnv subclass (got {cls!r})")
