@@ -96,6 +96,8 @@ class PonderEvalConfig:
         _check(self.gate_action in (1, 2, 3), "gate_action", "1, 2 or 3 (UPDATE_1/2/4)")
         _check(0 < self.gate_ema <= 1, "gate_ema", "a value in (0, 1]")
         _check(0 < self.clip < 1, "clip", "a value in (0, 1)")
+        _check(self.chunks % self.episode_len == 0 and self.train_chunks >= self.episode_len,
+               "chunks", f"a multiple of episode_len={self.episode_len} (and train_chunks >= it)")
 
     @property
     def target_rate(self) -> float:

@@ -1,0 +1,156 @@
+"""Per-chunk actions SKIP / UPDATE_1 / UPDATE_2 / UPDATE_4 as separate compiled programs.
+
+Each action is its own jitted function (the inner-step count is static), so a SKIP chunk runs a
+program that contains no fast-weight update at all. `ChunkRunner.run` executes a batch of
+chunks with per-chunk actions by grouping the rows by action; `table` scores every chunk under
+every action (what the post-hoc oracle and the policies' training need); `flops` reads the
+compiled programs' own FLOP counts (XLA cost analysis) next to the seeds' nominal costs.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxttt.model.transformer import token_logprobs
+from jaxttt.ponder.config import ACTIONS, STEPS
+from jaxttt.ponder.model import PonderModel
+
+N_STATIC = 26  # label-free per-chunk features (see _features, token_features); + 6 from the episode
+SIGNAL_FEATURE = 14  # column of the mean reconstruction signal
+
+
+def _nll(graphdef, state, x_BT, y_BT, *, steps):
+    model = nnx.merge(graphdef, state)
+    logits_BTV, _ = model(x_BT, steps)
+    return -token_logprobs(logits_BTV, y_BT).mean(axis=-1)
+
+
+def _signal(graphdef, state, x_BT):
+    """Reconstruction loss at the initial fast weights, per chunk [B] (input-only, no update)."""
+    model = nnx.merge(graphdef, state)
+    return model.ttt.recon_signal(model.hidden(x_BT)).mean(axis=-1)
+
+
+def _entropy_stats(p_BTV):
+    logp = jnp.log(jnp.clip(p_BTV, 1e-30))
+    ent_BT = -jnp.sum(p_BTV * logp, axis=-1)
+    top2_BT2 = jax.lax.top_k(p_BTV, 2)[0]
+    return [ent_BT.mean(-1), ent_BT.std(-1), top2_BT2[..., 0].mean(-1),
+            (top2_BT2[..., 0] - top2_BT2[..., 1]).mean(-1)]
+
+
+def _features(graphdef, state, x_BT):
+    """[B, 22] device-side features of the chunk's inputs (no labels): confidence (4),
+    activations (6), TTT attention pattern (4), reconstruction signal (4), + 4 from tokens."""
+    model = nnx.merge(graphdef, state)
+    h_BTD = model.hidden(x_BT)
+    logits_BTV, _ = model.logits_from_hidden(h_BTD, 0)
+    conf = _entropy_stats(jax.nn.softmax(logits_BTV, axis=-1))
+    a = jnp.abs(h_BTD)
+    act = [h_BTD.mean((1, 2)), h_BTD.std((1, 2)), a.mean((1, 2)), (a < 0.1).mean((1, 2)),
+           a.max(-1).mean(-1), jnp.sqrt(jnp.mean(jnp.square(h_BTD), -1)).mean(-1)]
+    q, k, _, _ = model.ttt.projections(h_BTD)  # [B,H,J,M,K]
+    B, H, J, M, K = q.shape
+    q_BHTK, k_BHTK = q.reshape(B, H, J * M, K), k.reshape(B, H, J * M, K)
+    T = J * M
+    s = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHTK) / np.sqrt(K)
+    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    ent = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.clip(p, 1e-30)), 0.0), -1)  # [B,H,T]
+    att = [ent.mean((1, 2)), ent.std((1, 2)), p.max(-1).mean((1, 2)),
+           jnp.diagonal(p, axis1=-2, axis2=-1).mean((1, 2))]
+    r_BT = model.ttt.recon_signal(h_BTD)
+    rec = [r_BT.mean(-1), r_BT.std(-1), r_BT[:, -M:].mean(-1), r_BT.max(-1)]
+    return jnp.stack(conf + act + att + rec, axis=-1)
+
+
+def token_features(x_CT: np.ndarray, vocab: int, eos_id: int) -> np.ndarray:
+    """[C, 4] + [C, 4] code statistics of each chunk's token ids (host side)."""
+    out = []
+    for ids in np.asarray(x_CT):
+        T = len(ids)
+        _, counts = np.unique(ids, return_counts=True)
+        p = counts / T
+        seen, repeats = set(), 0
+        for t in ids:
+            repeats += int(t) in seen
+            seen.add(int(t))
+        bigrams = list(zip(ids[:-1].tolist(), ids[1:].tolist()))
+        run, best = 1, 1
+        for a, b in zip(ids[:-1], ids[1:]):
+            run = run + 1 if a == b else 1
+            best = max(best, run)
+        out.append([-(p * np.log(p)).sum() / np.log(T), len(counts) / T, repeats / T,
+                    1.0 - len(set(bigrams)) / max(len(bigrams), 1), ids.mean() / vocab,
+                    ids.std() / vocab, best / T, float(np.mean(ids == eos_id))])
+    return np.asarray(out, np.float32)
+
+
+class ChunkRunner:
+    """Compiled per-action programs for one PonderModel (weights passed as arguments)."""
+
+    def __init__(self, model: PonderModel):
+        self.graphdef, self.state = nnx.split(model)
+        self._nll = {s: jax.jit(functools.partial(_nll, self.graphdef, steps=s)) for s in STEPS}
+        self._signal = jax.jit(functools.partial(_signal, self.graphdef))
+        self._features = jax.jit(functools.partial(_features, self.graphdef))
+
+    def nll(self, x_BT, y_BT, action: int) -> np.ndarray:
+        """Mean NLL per chunk [B] with ACTIONS[action] applied to every row."""
+        return np.asarray(self._nll[STEPS[action]](self.state, jnp.asarray(x_BT), jnp.asarray(y_BT)))
+
+    def run(self, x_BT, y_BT, actions_B) -> np.ndarray:
+        """Per-chunk NLL [B] executing ONLY each row's chosen action (rows grouped by action)."""
+        actions_B = np.asarray(actions_B)
+        out = np.zeros(len(actions_B), np.float32)
+        for a in np.unique(actions_B):
+            rows = np.flatnonzero(actions_B == a)
+            out[rows] = self.nll(np.asarray(x_BT)[rows], np.asarray(y_BT)[rows], int(a))
+        return out
+
+    def table(self, x_CT, y_CT, batch: int) -> np.ndarray:
+        """[C, A] mean NLL of every chunk under every action."""
+        return np.concatenate([np.stack([self.nll(x_CT[i:i + batch], y_CT[i:i + batch], a)
+                                         for a in range(len(ACTIONS))], axis=-1)
+                               for i in range(0, len(x_CT), batch)])
+
+    def signal(self, x_CT, batch: int) -> np.ndarray:
+        return np.concatenate([np.asarray(self._signal(self.state, jnp.asarray(x_CT[i:i + batch])))
+                               for i in range(0, len(x_CT), batch)])
+
+    def features(self, x_CT, batch: int, *, vocab: int, eos_id: int) -> np.ndarray:
+        """[C, N_STATIC] label-free features of every chunk."""
+        dev = np.concatenate([np.asarray(self._features(self.state, jnp.asarray(x_CT[i:i + batch])))
+                              for i in range(0, len(x_CT), batch)])
+        return np.concatenate([dev, token_features(x_CT, vocab, eos_id)], axis=-1)
+
+    def flops(self, batch: int, seq_len: int) -> dict[str, float]:
+        """FLOPs per chunk of each compiled program, from XLA's cost analysis."""
+        spec = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+        out = {}
+        for name, fn, args in ([(a, self._nll[s], (spec, spec)) for a, s in zip(ACTIONS, STEPS)]
+                               + [("signal", self._signal, (spec,)),
+                                  ("features", self._features, (spec,))]):
+            cost = fn.lower(self.state, *args).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            out[name] = float(cost.get("flops", float("nan"))) / batch
+        return out
+
+
+def analytic_ttt_flops(d_model: int, n_heads: int, d_head: int, mini_batch: int, steps: int) -> float:
+    """Matmul FLOPs per token of the TTT layer (2 per multiply-add), by hand.
+
+    Projections q,k,v,o and the lr gate: 2*D*(4HK + H). Read-out q W: 2HK^2. Each update step:
+    k W (2HK^2), the weight update k^T g (2HK^2); the causal dual form adds q k^T and two
+    [M,M]x[M,K] products (about 3*M*K per token and head, counting the full M x M blocks).
+    """
+    D, H, K, M = d_model, n_heads, d_head, mini_batch
+    base = 2 * D * (4 * H * K + H) + 2 * H * K * K
+    if steps == 0:
+        return float(base)
+    dual = 2 * H * (3 * M * K)
+    return float(base + dual + steps * 2 * (2 * H * K * K))
