@@ -147,7 +147,9 @@ def test_code_env_rewards_through_sandbox():
     assert env.reward(env.transition(RLE_HALF + "```\n")) == 0.5
     assert env.reward(env.initial_state()) == 0.0
     assert env.reward("def rle(s):\n    while True:\n        pass\n") == 0.0
-    assert env.reward("import os\nos.system('echo hi')\n" + RLE_OK) == 0.0
+    # a process cannot be started (the call fails inside), the function itself is still right
+    assert env.reward("import os\nassert os.system('true') != 0\n" + RLE_OK) == 1.0
+    assert env.reward("import os\nos.execv('/bin/true', ['true'])\n" + RLE_OK) == 0.0
     assert env.reward("") == 0.0
     prompt = env.context_from_archive(RLE_HALF, None)
     assert prompt.endswith("Improved solution:\n```python\n") and "rle(s)" in prompt
@@ -298,3 +300,52 @@ def test_problem_id_is_a_stable_hash():
     c = ToyStringEnv(target="ABCDEF")
     assert a.problem_id == b.problem_id  # same description (the length is all it reveals)
     assert a.problem_id != c.problem_id and all(ch in "0123456789abcdef" for ch in a.problem_id)
+
+
+# ---- benchmark envs and the module layout --------------------------------------------------
+def test_env_module_does_not_import_the_builtin_envs():
+    import ast
+    import jaxttt.discover.env as env_module
+    tree = ast.parse(open(env_module.__file__).read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "jaxttt.discover.envs" not in imported, imported
+
+
+def test_humaneval_env_rewards_the_fraction_of_asserts():
+    env = load_env("humaneval:HumanEval/12", {"timeout_s": 10.0})
+    assert len(env.tests) == 3 and "def longest" in env.context_from_archive("", None)
+    assert env.reward(env.transition(env.task.canonical_solution)) == 1.0  # a body continuing the prompt
+    partial = "```python\n" + env.task.prompt + "    return strings[0] if strings else None\n```"
+    assert env.reward(env.transition(partial)) == pytest.approx(2 / 3)
+    # `assert True` lines in check() are setup, not free credit
+    assert env.reward(env.transition("```python\ndef longest(strings):\n    return 0\n```")) == 0.0
+    with pytest.raises(EnvError, match="no task"):
+        load_env("humaneval:HumanEval/999")
+
+
+MBPP_ROWS = [{"source_file": "x", "task_id": 2, "prompt": "Write a function to find the shared elements.",
+              "code": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n",
+              "test_imports": [],
+              "test_list": ["assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))",
+                            "assert set(similar_elements((1, 2, 3, 4),(5, 4, 3, 7))) == set((3, 4))"]}]
+
+
+def test_mbpp_env_from_a_local_file(tmp_path):
+    path = tmp_path / "sanitized-mbpp.json"
+    path.write_text(json.dumps(MBPP_ROWS))
+    env = load_env("mbpp:Mbpp/2", {"path": str(path)})
+    assert env.reward(env.transition(f"```python\n{MBPP_ROWS[0]['code']}```")) == 1.0
+    assert env.reward("def similar_elements(a, b):\n    return (4, 5)\n") == 0.5
+    with pytest.raises(EnvError, match="mbpp"):
+        load_env("mbpp:Mbpp/2", {})
+
+
+def test_code_env_refuses_without_confinement(monkeypatch):
+    from jaxttt.eval import sandbox
+    monkeypatch.setattr(sandbox, "_probe_result", ["simulated: no namespaces"])
+    with pytest.raises(EnvError, match="unsafe-local-exec"):
+        CodeTestsEnv()
+    env = CodeTestsEnv(unsafe_local_exec=True)
+    assert env.options["unsafe_local_exec"] is True  # recorded with the run's env options
+    assert env.reward(RLE_OK) == 1.0

@@ -1,23 +1,31 @@
-"""The code sandbox: correct code scores, hostile code scores 0 within its limits and leaves the
-machine as it was. Hostile snippets are bounded (a fork "bomb" of 3 forks, ...) so that even a
-broken sandbox could not hurt the shared test machine."""
+"""The code sandbox: honest code scores, values cross as genuine built-ins, and every hostile
+candidate in tests/hostile/ scores 0 and leaves the host as it was.
+
+Expected values in the hostile runs are random tokens that only the test process holds, so the
+only way to score is to forge. The host checks: a canary directory (contents, modes, times), a
+127.0.0.1 TCP listener and UDP socket (nothing may arrive), a victim process (alive, same nice
+value and CPU affinity), the host's temporary directory and HOME (no new names), and no
+processes left behind.
+"""
+import fcntl
+import logging
 import os
+import secrets
 import socket
-import textwrap
+import struct
+import subprocess
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from jaxttt.eval.sandbox import run_python, run_tests
+from jaxttt.eval import sandbox, wire
+from jaxttt.eval.sandbox import Limits, SandboxUnavailable, evaluate, run_python, run_tests
 
-TESTS = [
-    "assert add(1, 2) == 3",
-    "assert add(-1, 1) == 0",
-    "assert add(2.5, 0.5) == 3.0",
-    "assert add('a', 'b') == 'ab'",
-]
-TIMEOUT = 1.5
-SLACK = 2.0  # process start, kill and read-back on a loaded 2-core machine
+HOSTILE = sorted((Path(__file__).parent / "hostile").glob("*.py"))
+SLACK = 3.0  # process start, kill and read-back on a loaded 2-core machine
 
 
 def _children() -> set[int]:
@@ -42,176 +50,246 @@ def no_leftovers():
     assert _children() <= before, "the sandbox left processes behind"
 
 
-def score(code: str, tests=TESTS, timeout_s=TIMEOUT) -> tuple[float, dict]:
-    t0 = time.monotonic()
-    passed, total, details = run_tests(code, tests, timeout_s=timeout_s)
-    assert time.monotonic() - t0 < timeout_s + SLACK
-    return passed / total, details
+# ---- honest candidates -------------------------------------------------------------------------
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2.5, 0.5) == 3.0",
+             "assert add('a', 'b') == 'ab'"]
 
 
-# ---- honest candidates --------------------------------------------------------------------
 def test_correct_and_half_correct(no_leftovers):
-    full, details = score("def add(a, b):\n    return a + b\n")
-    assert full == 1.0 and details["completed"] and details["passed"] == [True] * 4
-    half, details = score("def add(a, b):\n    return int(a) + int(b)\n")  # floats and strs fail
-    assert half == 0.5 and details["passed"] == [True, True, False, False]
+    passed, total, details = run_tests("def add(a, b):\n    return a + b\n", ADD_TESTS)
+    assert (passed, total) == (4, 4) and details["completed"] and details["confined"]
+    passed, _, details = run_tests("def add(a, b):\n    return int(a) + int(b)\n", ADD_TESTS)
+    assert passed == 2 and details["passed"] == [True, True, False, False]
 
 
-def test_ordinary_stdlib_code_is_not_blocked(no_leftovers):
-    code = textwrap.dedent("""
-        import collections, dataclasses, functools, heapq, itertools, json, math, re, typing
-        Pair = collections.namedtuple("Pair", "a b")
-        T = typing.TypeVar("T")
-
-        @dataclasses.dataclass
-        class Box:
-            v: int
-
-        @functools.lru_cache(None)
-        def add(a, b):
-            open("scratch.txt", "w").write(json.dumps([a, b]))  # the sandbox dir is writable
-            return Pair(a, b).a + Box(b).v
-    """)
-    assert score(code)[0] == 1.0
+def test_ordinary_stdlib_code_runs(no_leftovers):
+    code = (
+        "import collections, dataclasses, functools, itertools, json, math, re, sqlite3, threading\n"
+        "@dataclasses.dataclass(frozen=True)\nclass Pair:\n    a: object\n    b: object\n"
+        "def add(a, b):\n"
+        "    open('scratch.txt', 'w').write(json.dumps([a, b]))  # its own /tmp is writable\n"
+        "    db = sqlite3.connect(':memory:'); db.execute('create table t(x)')\n"
+        "    t = threading.Thread(target=math.sqrt, args=(4,)); t.start(); t.join()\n"
+        "    return functools.reduce(lambda x, y: x + y, [Pair(a, b).a, Pair(a, b).b])\n")
+    passed, total, details = run_tests(code, ADD_TESTS)
+    assert passed == total, details
 
 
-def test_run_python_script_semantics(no_leftovers):
-    r = run_python("import sys\nprint('hi')\nprint('err', file=sys.stderr)\nsys.exit(3)", timeout_s=TIMEOUT)
-    assert (r.returncode, r.stdout, r.stderr.strip(), r.timed_out) == (3, "hi\n", "err", False)
-    r = run_python("if __name__ == '__main__':\n    raise ValueError('boom')", timeout_s=TIMEOUT)
-    assert r.returncode == 1 and "ValueError: boom" in r.stderr
-    r = run_python("import os\nprint(os.getcwd() == os.environ['HOME'], 'http_proxy' in os.environ)")
-    assert r.ok and r.stdout.strip() == "True False"
-
-
-# ---- hostile candidates -------------------------------------------------------------------
-def test_infinite_loop_is_killed(no_leftovers):
-    s, details = score("def add(a, b):\n    return a + b\nwhile True:\n    pass\n")
-    assert s == 0.0 and details["timed_out"] and not details["completed"]
-
-
-def test_loop_inside_a_test_keeps_earlier_passes(no_leftovers):
-    code = "def add(a, b):\n    while isinstance(a, str):\n        pass\n    return a + b\n"
-    s, details = score(code)
-    assert s == 0.75 and details["timed_out"] and details["passed"] == [True, True, True, False]
-
-
-def test_fork_bomb_is_blocked(no_leftovers):
-    r = run_python("import os\nfor _ in range(3):\n    pid = os.fork()\n    print('forked', pid)",
-                   timeout_s=TIMEOUT)
-    assert r.returncode != 0 and "forked" not in r.stdout and "os.fork" in r.stderr
-    spin = ("import os\ndef add(a, b):\n    return a + b\n"
-            "while True:\n    try:\n        os.fork()\n    except Exception:\n        pass\n")
-    s, details = score(spin)
-    assert s == 0.0 and details["timed_out"]
-    for code in ("import subprocess\nsubprocess.run(['true'])",
-                 "import multiprocessing\nmultiprocessing.Process(target=print).start()",
-                 "import os\nos.posix_spawn('/bin/true', ['true'], {})",
-                 "import os\nos.execv('/bin/true', ['true'])",
-                 "import pty\npty.fork()"):
-        r = run_python(code, timeout_s=TIMEOUT)
-        assert r.returncode == 1 and "SandboxError" in r.stderr, code
-
-
-def test_huge_output_is_capped(no_leftovers):
-    s, _ = score("print('x' * 10**9)\ndef add(a, b):\n    return a + b\n")
-    assert s == 0.0  # MemoryError under RLIMIT_AS before anything is printed
-    r = run_python("while True:\n    print('y' * 1000)", timeout_s=TIMEOUT, max_output=10_000)
-    assert r.truncated and len(r.stdout) == 10_000 and set(r.stdout) <= {"y", "\n"}
-    assert r.returncode != 0  # stopped by RLIMIT_FSIZE (EFBIG) or the timeout
-    s, details = score("import sys\ndef add(a, b):\n    return a + b\n"
-                       "while True:\n    try:\n        sys.stdout.write('z' * 65536)\n"
-                       "    except OSError:\n        pass\n")
-    assert s == 0.0 and details["timed_out"]
-
-
-def test_writes_outside_the_sandbox_fail(tmp_path, no_leftovers):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("keep me")
-    evil = tmp_path / "evil.txt"
-    attempts = [
-        f"open({str(evil)!r}, 'w').write('x')",
-        f"import pathlib\npathlib.Path({str(evil)!r}).write_text('x')",
-        f"import os\nos.system('touch {evil}')",
-        f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
-        f"os.open('evil.txt', os.O_CREAT | os.O_WRONLY, dir_fd=fd)",
-        f"import os\nos.chdir({str(tmp_path)!r})\nopen('evil.txt', 'w')",
-        f"import os\nos.remove({str(victim)!r})",
-        f"import os\nos.rename({str(victim)!r}, 'stolen.txt')",
-        f"import os\nos.chmod({str(victim)!r}, 0o777)",
-        f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
-        f"import os\nos.symlink({str(tmp_path)!r}, 'link')\nopen('link/evil.txt', 'w')",
-        f"import os\nos.mkdir('d')\nopen('d/../../evil.txt', 'w')",
-        # rebinding what a naive policy hook would call does not loosen it
-        f"import builtins, os, posixpath\nbuiltins.type = lambda x: int\nbuiltins.len = lambda x: 0\n"
-        f"os.fspath = posixpath.realpath = lambda p: 'inside'\nopen({str(evil).encode()!r}, 'wb')",
+def test_values_cross_as_genuine_builtins(no_leftovers):
+    code = ("def f(x):\n    return (x, [x], {x: (1, 2.5)}, {1, 2}, frozenset([3]), b'\\x00', 1 + 2j, None, True)\n"
+            "def g():\n    raise ValueError('bad')\n"
+            "class E(Exception):\n    pass\n"
+            "def h():\n    raise E('custom')\n"
+            "LIMIT = [1, 2]\n")
+    tests = [
+        "r = f('k')\nassert type(r) is tuple and len(r) == 9\n"
+        "assert r == ('k', ['k'], {'k': (1, 2.5)}, {1, 2}, frozenset([3]), b'\\x00', 1 + 2j, None, True)\n"
+        "assert [type(v) for v in r[:7]] == [str, list, dict, set, frozenset, bytes, complex]",
+        "try:\n    g()\nexcept ValueError as e:\n    assert str(e) == 'bad'\nelse:\n    assert False",
+        "try:\n    h()\nexcept ValueError:\n    assert False\nexcept Exception as e:\n    assert 'custom' in str(e)",
+        "assert LIMIT == [1, 2] and type(LIMIT) is list",
     ]
-    for attack in attempts:
-        s, details = score(attack + "\ndef add(a, b):\n    return a + b\n")
-        assert s == 0.0 and "SandboxError" in details["stderr"], attack
-    assert not evil.exists() and victim.read_text() == "keep me"
-    assert oct(victim.stat().st_mode & 0o777) != oct(0o777)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]
+    r = evaluate(code, tests)
+    assert r.passed == (True, True, True, True), r
 
 
-def test_no_network(no_leftovers):
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(0.2)
-    port = server.getsockname()[1]
+def test_humaneval_style_check_with_alias_and_trusted_helpers(no_leftovers):
+    setup = ("def helper(x):\n    return x * 10\n"
+             "def solve(x):\n    '''stub from the prompt'''\n"
+             "def check(candidate):\n    assert candidate(2) == helper(2) + 1\n")
+    # the candidate redefines the benchmark's helper: the test keeps the trusted one
+    code = "def helper(x):\n    return 0\ndef solve(x):\n    return x * 10 + 1\n"
+    r = evaluate(code, ["check(candidate)"], setup=setup, entry_points=("solve",), alias="solve")
+    assert r.passed == (True,)
+    r = evaluate("def helper(x):\n    return 0\ndef solve(x):\n    return helper(x) + 1\n",
+                 ["check(candidate)"], setup=setup, entry_points=("solve",), alias="solve")
+    assert r.passed == (False,)
+
+
+def test_a_crash_cannot_be_caught_by_the_test(no_leftovers):
+    tests = ["try:\n    add(1, 1)\nexcept BaseException:\n    pass",  # swallows everything
+             "assert add(1, 2) == 3"]
+    r = evaluate("import os\ndef add(a, b):\n    os._exit(0)\n", tests)
+    assert r.passed == (False, False) and "exited" in (r.error or "")
+    r = evaluate("def add(a, b):\n    return a + b\n", tests)
+    assert r.passed == (True, True)
+
+
+def test_load_errors_and_timeouts_fail_every_test(no_leftovers):
+    r = evaluate("def add(a, b):\n    return (\n", ADD_TESTS)
+    assert r.n_passed == 0 and "SyntaxError" in r.error
+    t0 = time.monotonic()
+    r = evaluate("def add(a, b):\n    while True:\n        pass\n", ADD_TESTS, limits=Limits(timeout_s=1.0))
+    assert r.n_passed == 0 and r.timed_out and time.monotonic() - t0 < 1.0 + SLACK
+
+
+def test_script_mode_and_what_the_confined_process_sees(no_leftovers):
+    r = run_python("import sys\nprint('hi')\nprint('err', file=sys.stderr)\nsys.exit(3)")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "hi\n", "err\n")
+    probe = (
+        "import os, socket\n"
+        "def refused(f):\n    try:\n        f()\n        return False\n    except OSError:\n        return True\n"
+        "print(os.getcwd(), os.environ.get('HOME'), sorted(os.listdir('.')))\n"
+        "print(refused(lambda: socket.socket()), refused(os.fork), refused(lambda: open('/etc/passwd')),\n"
+        "      refused(lambda: os.listdir('/proc')), refused(lambda: os.execv('/bin/true', ['true'])))\n"
+        "open('/tmp/x', 'w').write('ok')\nprint(open('/tmp/x').read())\n")
+    r = run_python(probe)
+    assert r.ok, r.stderr
+    assert r.stdout.splitlines() == ["/tmp /tmp []", "True True True True True", "ok"]
+
+
+# ---- plain data across the boundary -----------------------------------------------------------
+def test_wire_round_trip_and_refusals():
+    value = {"a": [1, 2.5, None, True], (1, "x"): {frozenset({1}), 3}, b"k": 1 - 2j, "n": float("inf")}
+    assert wire.decode(wire.encode(value)[4:]) == value
+    for bad in (type("S", (str,), {})("x"), object(), [lambda: 0], {"k": type("I", (int,), {})(1)}):
+        with pytest.raises(wire.WireError):
+            wire.encode(bad)
+    nested = []
+    for _ in range(wire.MAX_DEPTH + 5):
+        nested = [nested]
+    with pytest.raises(wire.WireError):
+        wire.encode(nested)
+    for garbage in (b"{", b'{"x": 1}', b'{"l": 3}', b'{"s": [{"l": []}]}', b'{"d": [[{"l": []}, 1]]}',
+                    b"[" * 100_000, b'{"b": "zz"}', b"9" * 5000):
+        with pytest.raises(wire.WireError):
+            wire.decode(garbage)
+
+
+# ---- hostile candidates ----------------------------------------------------------------------
+class _Host:
+    """What a candidate must not touch, and the checks that it did not."""
+
+    def __init__(self, root: Path):
+        self.canary = root / "canary"
+        self.canary.mkdir()
+        (self.canary / "secret.txt").write_text("tok-" + secrets.token_hex(16))
+        self.tcp = socket.create_server(("127.0.0.1", 0))
+        self.tcp.settimeout(0.05)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp.settimeout(0.05)
+        self.victim = subprocess.Popen(["sleep", "120"])
+        self.mark = "jaxttt-hostile-" + secrets.token_hex(6)
+        self.snapshot = self._state()
+
+    def fill(self, source: str) -> str:
+        return (source.replace("__CANARY__", str(self.canary))
+                .replace("__PORT__", str(self.tcp.getsockname()[1]))
+                .replace("__UDP__", str(self.udp.getsockname()[1]))
+                .replace("__VICTIM__", str(self.victim.pid)).replace("__MARK__", self.mark))
+
+    def _state(self):
+        files = {p.name: (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns)
+                 for p in self.canary.iterdir()}
+        return (files, self.canary.stat().st_mode, os.getpriority(os.PRIO_PROCESS, self.victim.pid),
+                os.sched_getaffinity(self.victim.pid), os.sched_getscheduler(self.victim.pid))
+
+    def assert_untouched(self):
+        assert self.victim.poll() is None, "the victim process was killed"
+        assert self._state() == self.snapshot, "host files or the victim process were changed"
+        with pytest.raises(OSError):  # socket.timeout
+            self.tcp.accept()
+        with pytest.raises(OSError):
+            self.udp.recv(100)
+        assert not (Path(tempfile.gettempdir()) / self.mark).exists()
+        assert not (Path.home() / ("." + self.mark)).exists()
+        assert not [p for p in Path(tempfile.gettempdir()).glob("jaxttt-unsafe-*")]
+
+    def close(self):
+        self.victim.kill()
+        self.victim.wait()
+        self.tcp.close()
+        self.udp.close()
+
+
+@pytest.fixture
+def host(tmp_path):
+    h = _Host(tmp_path)
+    yield h
+    h.close()
+
+
+@pytest.mark.parametrize("path", HOSTILE, ids=[p.stem for p in HOSTILE])
+def test_hostile_candidate_scores_zero_and_leaves_the_host_untouched(path, host, no_leftovers):
+    tokens = ["tok-" + secrets.token_hex(16) for _ in range(3)]
+    tests = [f"assert add({i}, {i}) == {tok!r}" for i, tok in enumerate(tokens)]
+    t0 = time.monotonic()
+    r = evaluate(host.fill(path.read_text()), tests, limits=Limits(timeout_s=2.0))
+    assert r.confined and time.monotonic() - t0 < 2.0 + SLACK
+    assert r.passed == (False, False, False), (path.stem, r)
+    if path.stem == "escape_late":
+        time.sleep(1.5)  # its thread would have acted by now
+    host.assert_untouched()
+
+
+def test_hostile_code_env_reward_is_zero(host, no_leftovers):
+    from jaxttt.discover.env import safe_reward
+    from jaxttt.discover.envs import CodeTestsEnv
+
+    env = CodeTestsEnv(timeout_s=2.0)  # the built-in rle problem
+    for path in HOSTILE[:4]:
+        code = host.fill(path.read_text()).replace("def add(a, b):", "def rle(s):")
+        state, reward, _ = safe_reward(env, f"```python\n{code}```", timeout_s=10.0)
+        assert reward == 0.0, path.stem
+    host.assert_untouched()
+
+
+# ---- cleanup and the unsafe path ---------------------------------------------------------------
+def test_remove_tree_clears_immutable_files(tmp_path):
+    root = tmp_path / "box"
+    (root / "d").mkdir(parents=True)
+    f = root / "d" / "locked"
+    f.write_text("x")
+    fd = os.open(f, os.O_RDONLY)
     try:
-        for code in (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)",
-                     "import _socket",
-                     f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}')"):
-            r = run_python(code, timeout_s=TIMEOUT)
-            assert r.returncode == 1 and "SandboxError" in r.stderr, code
-        with pytest.raises(socket.timeout):
-            server.accept()
+        fcntl.ioctl(fd, sandbox.FS_IOC_SETFLAGS, struct.pack("i", 0x10))  # chattr +i
+    except OSError as e:
+        pytest.skip(f"this filesystem/user cannot set the immutable flag ({e})")
     finally:
-        server.close()
+        os.close(fd)
+    os.chmod(root / "d", 0o500)
+    with pytest.raises(OSError):
+        f.unlink()
+    sandbox.remove_tree(str(root))
+    assert not root.exists()
 
 
-def test_memory_hog(no_leftovers):
-    s, _ = score("x = bytearray(2 * 1024**3)\ndef add(a, b):\n    return a + b\n")
-    assert s == 0.0
-    s, _ = score("def add(a, b):\n    chunks = []\n    while True:\n        chunks.append(bytearray(10**7))\n")
-    assert s == 0.0
+@pytest.fixture
+def no_confinement(monkeypatch):
+    monkeypatch.setattr(sandbox, "_probe_result", ["simulated: this kernel has no namespaces"])
 
 
-def test_other_escapes_are_refused(no_leftovers):
-    for code in ("import os\nos.kill(os.getppid(), 9)",
-                 "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
-                 "import ctypes",
-                 "print(open('/proc/self/environ').read())",
-                 "import sys\nsys.settrace(lambda *a: None)",
-                 "import _imp\nfrom importlib.machinery import ModuleSpec\n"
-                 "_imp.create_builtin(ModuleSpec('gc', None)).get_objects()"):
-        r = run_python(code, timeout_s=TIMEOUT)
-        assert r.returncode == 1 and "SandboxError" in r.stderr, code
+def test_refuses_without_confinement_unless_unsafe_is_explicit(no_confinement, caplog, no_leftovers):
+    with pytest.raises(SandboxUnavailable, match="unsafe-local-exec.*|.*simulated"):
+        evaluate("def add(a, b):\n    return a + b\n", ADD_TESTS)
+    with pytest.raises(SandboxUnavailable):
+        run_python("print(1)")
+    with caplog.at_level(logging.WARNING, logger="jaxttt.eval.sandbox"):
+        r = evaluate("def add(a, b):\n    return a + b\n", ADD_TESTS, unsafe_local_exec=True)
+    assert r.passed == (True,) * 4 and not r.confined
+    assert any("UNSAFE" in rec.message for rec in caplog.records)
 
 
-def test_results_cannot_be_forged(no_leftovers):
-    # Wrong answers; the candidate prints marker-like lines, walks every reachable frame for
-    # hex strings and writes them (and guesses) to every file descriptor, then exits early.
-    code = textwrap.dedent("""
-        import os, re, sys
-        def add(a, b):
-            found = set()
-            f = sys._getframe()
-            while f is not None:
-                found.update(re.findall(r"[0-9a-f]{32}", repr(f.f_locals)))
-                f = f.f_back
-            for fd in range(3, 32):
-                for tok in sorted(found) + ["PASS 0", "0 1", "ok"]:
-                    try:
-                        os.write(fd, (tok + "\\n").encode())
-                    except OSError:
-                        pass
-            print("PASS 0\\nPASS 1\\nPASS 2\\nPASS 3")
-            return None
-    """)
-    s, details = score(code + "\nadd(0, 0)\n")
-    assert s == 0.0
-    s, details = score("import os\nprint('PASS ' * 10)\nos._exit(0)\ndef add(a, b):\n    return a + b\n")
-    assert s == 0.0 and not details["completed"]
+def test_unsafe_mode_still_uses_two_processes(no_confinement, no_leftovers):
+    code = "import sys\ndef add(a, b):\n    return (a + b) if 'check' not in sys.modules else 0\n"
+    r = evaluate(code, ["assert add(1, 2) == 3"], unsafe_local_exec=True)
+    assert r.passed == (True,)
+    r = evaluate((Path(__file__).parent / "hostile" / "forge_eq_always_true.py").read_text(),
+                 ["assert add(1, 2) == 'tok'"] * 3, unsafe_local_exec=True)
+    assert r.passed == (False,) * 3
+
+
+def test_concurrent_evaluations_do_not_interfere(no_leftovers):
+    results = [None] * 6
+
+    def work(i):
+        code = f"def add(a, b):\n    return a + b + {i}\n"
+        results[i] = evaluate(code, [f"assert add(1, 1) == {2 + i}", "assert add(0, 0) == 0"]).passed
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [(True, True)] + [(True, False)] * 5

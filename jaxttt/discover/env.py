@@ -104,8 +104,9 @@ def safe_reward(env: DiscoveryEnv, action: str, timeout_s: float = 10.0,
 
     Runs in a daemon worker thread joined with `timeout_s`. Python cannot kill a thread, so a
     hung env keeps its thread (and a CPU core, if it spins) until it returns or the process
-    exits; envs that execute code must bound that work themselves (the code env does, through
-    `jaxttt.eval.sandbox` subprocess limits). An empty state is invalid: reward 0 and an error.
+    exits; envs that execute code must bound that work themselves (the code envs do: candidates
+    run in `jaxttt.eval.sandbox`'s confined processes under a wall-clock limit). An empty state
+    is invalid: reward 0 and an error.
     """
     box: dict[str, Any] = {}
 
@@ -138,10 +139,29 @@ def reward_record(env: DiscoveryEnv, prompt: str, action: str, state: str, rewar
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+# Built-in envs are named here, not imported: the modules that define them import this one,
+# so they are reached by name at load time like any user env (no import cycle).
+BUILTIN_ENVS = {
+    "toy": "jaxttt.discover.envs:ToyStringEnv",
+    "numeric": "jaxttt.discover.envs:NumericTargetEnv",
+    "code": "jaxttt.discover.envs:CodeTestsEnv",
+    "gsm8k": "jaxttt.discover.envs:GSM8KEnv",
+    "humaneval": "jaxttt.discover.envs:HumanEvalEnv",  # humaneval:HumanEval/12
+    "mbpp": "jaxttt.discover.envs:MbppEnv",  # mbpp:Mbpp/2 with option path
+}
+BUILTIN_REGISTRIES = ("jaxttt.discover.problems:PROBLEMS",)  # name -> class tables
+
+
+def _attribute(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def builtin_envs() -> dict[str, type[DiscoveryEnv]]:
-    from jaxttt.discover import envs, problems
-    return {"toy": envs.ToyStringEnv, "numeric": envs.NumericTargetEnv,
-            "code": envs.CodeTestsEnv, "gsm8k": envs.GSM8KEnv, **problems.PROBLEMS}
+    envs = {name: _attribute(spec) for name, spec in BUILTIN_ENVS.items()}
+    for table in BUILTIN_REGISTRIES:
+        envs.update(_attribute(table))
+    return envs
 
 
 def split_spec(spec: str) -> tuple[str, dict]:
@@ -216,7 +236,8 @@ def _resolve_class(spec: str) -> type:
 
 def load_env(spec: str, options: dict | None = None) -> DiscoveryEnv:
     """Build an env from a built-in name (toy, numeric, code, gsm8k, circle_packing, ...),
-    optionally with options in the name (`circle_packing:n=26`), `package.module:Class` or
+    optionally with options in the name (`circle_packing:n=26`, `humaneval:HumanEval/12`),
+    `package.module:Class` or
     `path/to/file.py:Class`, passing `options` as keyword arguments."""
     spec, spec_options = split_spec(spec)
     clash = sorted(k for k in spec_options if k in (options or {}) and options[k] != spec_options[k])

@@ -5,6 +5,8 @@
              numbers or arithmetic expressions parsed with `ast` (never eval).
 - `code`:    write a Python function; reward = fraction of unit tests passed in the sandbox
              (pattern 2).
+- `humaneval:HumanEval/12`, `mbpp:Mbpp/2`: a real benchmark problem; reward = fraction of the
+             task's asserts passed (HumanEval's `check` split into its asserts).
 - `gsm8k`:   one grade-school math problem from a local JSONL (`question`, `answer` ending in
              `#### <number>`); reward 1 if correct, small format credit otherwise (pattern 1).
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from jaxttt.discover.env import DiscoveryEnv, EnvError
-from jaxttt.eval import sandbox
+from jaxttt.eval import humaneval, sandbox
 
 if TYPE_CHECKING:
     from jaxttt.discover.archive import Archive
@@ -196,15 +198,26 @@ def extract_code(action: str) -> str:
     return code.strip("\n") + "\n" if code.strip() else ""
 
 
-class CodeTestsEnv(DiscoveryEnv):
-    """Reward = fraction of `tests` (assert snippets) passed by the candidate in the sandbox."""
+def _require_sandbox(unsafe_local_exec: bool) -> None:
+    try:
+        sandbox.check_confinement(unsafe_local_exec)
+    except sandbox.SandboxUnavailable as e:
+        raise EnvError(f"code env: {e}") from None
 
-    version = "code-1"
+
+class CodeTestsEnv(DiscoveryEnv):
+    """Reward = fraction of `tests` (assert snippets) passed by the candidate. The candidate runs
+    confined in its own process; the asserts run in another, calling it through proxies
+    (`jaxttt.eval.sandbox`). `unsafe_local_exec` runs it unconfined where the kernel cannot
+    confine (logged; the option is recorded with the run's env options)."""
+
+    version = "code-2"
 
     def __init__(self, *, description: str | None = None, tests: Sequence[str] | None = None,
-                 initial: str | None = None, timeout_s: float = 5.0, memory_mb: int = 256):
+                 initial: str | None = None, timeout_s: float = 5.0, memory_mb: int = 256,
+                 unsafe_local_exec: bool = False):
         super().__init__(description=description, tests=tests, initial=initial,
-                         timeout_s=timeout_s, memory_mb=memory_mb)
+                         timeout_s=timeout_s, memory_mb=memory_mb, unsafe_local_exec=unsafe_local_exec)
         if (description is None) != (tests is None):
             raise EnvError("code env: give description and tests together (or neither: the "
                            "built-in rle problem)")
@@ -214,7 +227,9 @@ class CodeTestsEnv(DiscoveryEnv):
         self.initial = initial if initial is not None else problem["initial"]
         if not self.tests:
             raise EnvError("code env: at least one test is required")
-        self.timeout_s, self.memory_mb = timeout_s, memory_mb
+        self.limits = sandbox.Limits(timeout_s=timeout_s, memory_mb=memory_mb)
+        self.unsafe_local_exec = bool(unsafe_local_exec)
+        _require_sandbox(self.unsafe_local_exec)
 
     def problem_description(self) -> str:
         return self.description
@@ -234,12 +249,74 @@ class CodeTestsEnv(DiscoveryEnv):
     def transition(self, action: str) -> str:
         return extract_code(action)
 
+    def _evaluate(self, state: str) -> sandbox.TestsResult:
+        return sandbox.evaluate(state, self.tests, limits=self.limits,
+                                unsafe_local_exec=self.unsafe_local_exec)
+
     def reward(self, state: str) -> float:
         if not state.strip():
             return 0.0
-        passed, total, _ = sandbox.run_tests(state, self.tests, timeout_s=self.timeout_s,
-                                             memory_mb=self.memory_mb)
-        return passed / total
+        return self._evaluate(state).fraction
+
+
+class _BenchmarkEnv(CodeTestsEnv):
+    """One benchmark task; the state is the candidate's full program."""
+
+    bench = ""
+
+    def __init__(self, *, task_id: str, path: str | None = None, timeout_s: float = 10.0,
+                 memory_mb: int = 256, unsafe_local_exec: bool = False):
+        try:
+            self.task = humaneval.load_task(self.bench, task_id, path)
+        except humaneval.TaskError as e:
+            raise EnvError(f"{self.bench} env: {e}") from None
+        kwargs = self.task.tests(split=True)
+        super().__init__(description=self.task.prompt, tests=kwargs.pop("tests"), initial="",
+                         timeout_s=timeout_s, memory_mb=memory_mb, unsafe_local_exec=unsafe_local_exec)
+        self.options = {"task_id": task_id, "path": path, "timeout_s": timeout_s,
+                        "memory_mb": memory_mb, "unsafe_local_exec": unsafe_local_exec}
+        self.test_kwargs = kwargs
+
+    @classmethod
+    def spec_options(cls, tail: str) -> dict:
+        """`humaneval:HumanEval/12` (or `humaneval:12`) -> {"task_id": ...}."""
+        return {"task_id": tail.strip()}
+
+    def problem_description(self) -> str:
+        return f"{self.task.task_id}\n{self.task.prompt}"
+
+    def context_from_archive(self, state: str, archive: Archive | None) -> str:
+        parts = ["Complete the Python function below.", f"```python\n{self.task.prompt.rstrip()}\n```"]
+        if state:
+            r, total = _known_reward(state, archive), len(self.tests)
+            passed = f" (passes {round(r * total)}/{total} tests)" if r is not None else ""
+            parts.append(f"Current solution{passed}:\n```python\n{state.rstrip()}\n```")
+        parts.append("Improved solution:\n```python\n")
+        return "\n".join(parts)
+
+    def transition(self, action: str) -> str:
+        code = extract_code(action)
+        if code and self.task.completion_style and f"def {self.task.entry_point}" not in code:
+            code = self.task.program(code)  # a continuation of the prompt's body
+        return code
+
+    def _evaluate(self, state: str) -> sandbox.TestsResult:
+        return sandbox.evaluate(state, self.tests, limits=self.limits,
+                                unsafe_local_exec=self.unsafe_local_exec, **self.test_kwargs)
+
+
+class HumanEvalEnv(_BenchmarkEnv):
+    """`humaneval:HumanEval/12`: reward = fraction of the task's `check` asserts passed."""
+
+    version = "humaneval-1"
+    bench = "humaneval"
+
+
+class MbppEnv(_BenchmarkEnv):
+    """`mbpp:Mbpp/2` with option `path` (sanitized MBPP JSON): reward = fraction of asserts passed."""
+
+    version = "mbpp-1"
+    bench = "mbpp"
 
 
 # --------------------------------------------------------------------------------------------
