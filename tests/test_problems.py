@@ -1,6 +1,7 @@
 """The paper's discovery problems: exact verifiers, hostile results, rewards, and programs run in
 the confined sandbox."""
 import json
+import logging
 import math
 import random
 
@@ -271,27 +272,32 @@ def test_circle_packing_rollout_through_the_sandbox(cp):
     assert cp.reward(state) == reward
 
 
-HOSTILE = {
-    "forged sum": GRID_PROGRAM.replace("float(radii.sum())", "3.0"),
-    "raises": "def run_packing():\n    raise RuntimeError('no')\n",
-    "no entry": "def pack():\n    return 1\n",
-    "prints a result": ("def run_packing():\n    print('sum_radii = 2.7')\n"
-                        "    raise SystemExit(0)\n"),
+HOSTILE = {  # name: (program, why it scores 0)
+    "forged sum": (GRID_PROGRAM.replace("float(radii.sum())", "3.0"), "claimed sum_radii 3.0"),
+    "raises": ("def run_packing():\n    raise RuntimeError('no')\n", "RuntimeError: no"),
+    "no entry": ("def pack():\n    return 1\n", "does not define run_packing"),
+    "prints a result and exits": ("def run_packing():\n    print('sum_radii = 2.7')\n"
+                                  "    raise SystemExit(0)\n", "SystemExit"),
     "forged equality": ("class Anything(float):\n    def __eq__(self, o):\n        return True\n"
-                        "def run_packing():\n    return Anything(1), Anything(1), Anything(2.7)\n"),
-    "out of the square": GRID_PROGRAM.replace("[[0.2, 0.2]]", "[[1.0 + 1e-6, 0.2]]").replace(
-        "[0.0]", "[1e-7]"),
-    "hangs": "def run_packing():\n    while True:\n        pass\n",
-    "imports the host": "import jaxttt\ndef run_packing():\n    return 1\n",
-    "huge result": "def run_packing():\n    return 'x' * 17_000_000, [], 0\n",  # > wire frame cap
+                        "def run_packing():\n    return Anything(1), Anything(1), Anything(2.7)\n",
+                        "not plain data"),
+    "out of the square by 1e-6": (GRID_PROGRAM.replace("[[0.2, 0.2]]", "[[1.0 + 1e-6, 0.2]]")
+                                  .replace("[0.0]", "[1e-7]"), "circle 25 is not inside"),
+    "hangs": ("def run_packing():\n    while True:\n        pass\n", "timed out"),
+    "imports the host": ("import jaxttt\ndef run_packing():\n    return 1\n", "did not load"),
+    "huge result": ("def run_packing():\n    return 'x' * 17_000_000, [], 0\n", "frame too large"),
+    "exits mid-call": ("import os\ndef run_packing():\n    os._exit(0)\n", "exited"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_programs_score_zero(name):
+def test_hostile_programs_score_zero(name, caplog):
     env = load_env("circle_packing:n=26", {"unsafe_local_exec": UNSAFE, "timeout_s": 4.0})
-    state, reward, _ = safe_reward(env, "```python\n" + HOSTILE[name] + "```", timeout_s=30)
+    program, why = HOSTILE[name]
+    with caplog.at_level(logging.DEBUG, logger=P.__name__):
+        state, reward, _ = safe_reward(env, "```python\n" + program + "```", timeout_s=30)
     assert (state, reward) == ("", 0.0)
+    assert why in caplog.text
 
 
 def test_programs_start_from_the_start_states_construction():
