@@ -164,9 +164,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def place_batch(x: np.ndarray, mesh: Mesh, *, local: bool = False) -> jax.Array:
+    """The one way a host batch [B, ...] reaches the devices: rows over the batch axes.
+
+    local=False: `x` is the whole global batch, identical on every process (each process
+    hands its devices their rows). local=True: `x` holds only this process's rows (a
+    per-process data loader); the global batch is their concatenation in process order.
+    """
+    x = np.asarray(x)
+    if x.ndim == 0:
+        raise ValueError("place_batch: a batch array needs a row axis, got a scalar")
+    sh = batch_sharding(mesh, x.ndim)
+    if local:
+        return jax.make_array_from_process_local_data(sh, x)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
     """Assemble this process's rows into the global batch array on `mesh`."""
-    return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
+    return place_batch(local, mesh, local=True)
 
 
 # --------------------------------------------------------------------------------------------
