@@ -206,7 +206,8 @@ class PretrainConfig:
     optim: OptimConfig = OptimConfig()  # optimizer and learning-rate schedule
     data: DataConfig = DataConfig()  # packed token data and batch shape
     steps: int = 200  # optimizer updates in the whole run
-    grad_accum: int = 1  # micro-batches per update (data.batch_size is split into them)
+    grad_accum: int = 1  # micro-batches of data.batch_size sequences per update
+    max_skipped: int = 10  # consecutive skipped updates (non-finite loss/gradient) that stop the run
     eval_every: int = 50  # updates between validation losses; 0 = no validation
     eval_batches: int = 4  # validation batches (of data.batch_size windows) per evaluation
     save_every: int = 100  # updates between checkpoints; 0 = only at the end (and on SIGTERM)
@@ -221,7 +222,7 @@ class PretrainConfig:
         self.optim.validate()
         self.mesh.validate()
         self.data.validate()
-        for key in ("steps", "grad_accum", "eval_batches", "keep", "log_every"):
+        for key in ("steps", "grad_accum", "eval_batches", "keep", "log_every", "max_skipped"):
             _check(getattr(self, key) >= 1, key, "a positive integer")
         for key in ("eval_every", "save_every"):
             _check(getattr(self, key) >= 0, key, "an integer >= 0 (0 = off)")
