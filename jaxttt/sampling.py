@@ -54,9 +54,11 @@ def left_pad(prompts: list[list[int]], pad_id: int, width: int) -> tuple[np.ndar
 def filter_probs(logits_BV: jax.Array, temperature, top_p, top_k: int, pad_id: int) -> jax.Array:
     """Sampling weights after temperature, top-k and nucleus (top-p) filtering.
 
-    Unnormalised (the sampler scales its uniform by the row total); PAD always gets 0.
+    Unnormalised (the sampler scales its uniform by the row total); PAD gets 0 (unless None).
     """
-    logits_BV = logits_BV.at[:, pad_id].set(-jnp.inf) / jnp.maximum(temperature, 1e-6)
+    if pad_id is not None:
+        logits_BV = logits_BV.at[:, pad_id].set(-jnp.inf)
+    logits_BV = logits_BV / jnp.maximum(temperature, 1e-6)
     if top_k > 0:
         kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
@@ -92,31 +94,48 @@ def _inverse_cdf_sample(key, w_BV: jax.Array, block: int = 128) -> jax.Array:
     Gumbel-max would draw B*V random numbers and a flat cumsum over V is a slow serial scan on
     CPU; here the CDF runs over V/block block masses, then inside the chosen block.
     """
+    return inverse_cdf_at(jax.random.uniform(key, (w_BV.shape[0], 1)), w_BV, block)
+
+
+def inverse_cdf_at(frac_B1: jax.Array, w_BV: jax.Array, block: int = 128) -> jax.Array:
+    """The token at fraction `frac` in [0, 1] of each row's total weight.
+
+    Token i owns [C_i, C_i + w_i) where C is the EXCLUSIVE cumulative sum, and the draw is the
+    last token with w > 0 and C <= u: a zero-weight token is never drawn, whatever the float
+    rounding of the sums (an inclusive cumsum compared with `<` could land on one when the
+    block-level and in-block sums round differently, or when u rounds up to the total).
+    """
     B, V = w_BV.shape
     if V % block:
         block = V  # single level
     w_BNK = w_BV.reshape(B, V // block, block)
     mass_BN = w_BNK.sum(-1)
-    cdf_BN = jnp.cumsum(mass_BN, axis=-1)
-    u_B1 = jax.random.uniform(key, (B, 1)) * cdf_BN[:, -1:]
-    blk_B = _count_below(cdf_BN, u_B1, _last_positive(mass_BN))
-    before_B = jnp.take_along_axis(cdf_BN - mass_BN, blk_B[:, None], 1)
+    excl_BN = _exclusive_cumsum(mass_BN)
+    u_B1 = frac_B1 * (excl_BN[:, -1:] + mass_BN[:, -1:])
+    blk_B = _last_owner(excl_BN, mass_BN > 0, u_B1)
     inner_BK = jnp.take_along_axis(w_BNK, blk_B[:, None, None], 1)[:, 0]
-    cdf_BK = before_B + jnp.cumsum(inner_BK, axis=-1)
-    return blk_B * block + _count_below(cdf_BK, u_B1, _last_positive(inner_BK))
+    u_in_B1 = u_B1 - jnp.take_along_axis(excl_BN, blk_B[:, None], 1)
+    return blk_B * block + _last_owner(_exclusive_cumsum(inner_BK), inner_BK > 0, u_in_B1)
 
 
-def _count_below(cdf_BX: jax.Array, u_B1: jax.Array, last_B: jax.Array) -> jax.Array:
-    """First index whose CDF exceeds u (never past the last index with mass: float rounding)."""
-    return jnp.minimum(jnp.sum(cdf_BX <= u_B1, axis=-1), last_B)
+def _exclusive_cumsum(x_BX: jax.Array) -> jax.Array:
+    inclusive = jnp.cumsum(x_BX, axis=-1)
+    return jnp.concatenate([jnp.zeros_like(inclusive[:, :1]), inclusive[:, :-1]], axis=-1)
 
 
-def _last_positive(p_BX: jax.Array) -> jax.Array:
-    return p_BX.shape[1] - 1 - jnp.argmax(p_BX[:, ::-1] > 0, axis=-1)
+def _last_owner(excl_BX: jax.Array, positive_BX: jax.Array, u_B1: jax.Array) -> jax.Array:
+    """Last index with positive weight whose interval starts at or below u (else the first
+    positive one: only reachable through rounding below the first start, which is 0)."""
+    ok_BX = positive_BX & (excl_BX <= u_B1)
+    X = excl_BX.shape[1]
+    last = X - 1 - jnp.argmax(ok_BX[:, ::-1], axis=-1)
+    return jnp.where(jnp.any(ok_BX, axis=-1), last, jnp.argmax(positive_BX, axis=-1))
 
 
 def _choose(key, logits_BV, temperature, top_p, top_k, greedy, pad_id):
-    raw_logp_BV = jax.nn.log_softmax(logits_BV.at[:, pad_id].set(-jnp.inf), axis=-1)
+    """pad_id None: nothing is banned (a checkpoint that pads with its EOS must still end)."""
+    banned_BV = logits_BV if pad_id is None else logits_BV.at[:, pad_id].set(-jnp.inf)
+    raw_logp_BV = jax.nn.log_softmax(banned_BV, axis=-1)
     if greedy:
         tok_B = jnp.argmax(raw_logp_BV, axis=-1)
     else:
@@ -142,7 +161,8 @@ def _generate(graphdef, state, toks_BP, start_B, key, temperature, top_p, *, max
     def body(carry):
         i, out_BM, logp_BM, done_B, cache, key, logits_BV = carry
         key, sub = jax.random.split(key)
-        tok_B, logp_B = _choose(sub, logits_BV, temperature, top_p, top_k, greedy, pad_id)
+        tok_B, logp_B = _choose(sub, logits_BV, temperature, top_p, top_k, greedy,
+                                None if pad_id == eos_id else pad_id)
         tok_B = jnp.where(done_B, pad_id, tok_B)
         logp_B = jnp.where(done_B, 0.0, logp_B)
         out_BM = out_BM.at[:, i].set(tok_B)

@@ -149,6 +149,20 @@ class Tokenizer:
             ids = ids[:ids.index(self.pad_id)]
         return self._sp.decode(ids)
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """A raw-text prompt as documents start in packed data (EOS separates documents)."""
+        return [self.eos_id] + self.encode(text)
+
+    @property
+    def chat_template(self) -> None:
+        return None  # trained here on raw text: no chat format
+
+    def chat_ids(self, messages, *, add_generation_prompt: bool = True) -> list[int]:
+        raise ValueError(f"{self._path}: a SentencePiece tokenizer trained here has no chat "
+                         "template (not an instruct model)")
+
+    render_chat = chat_ids
+
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
@@ -181,6 +195,16 @@ class Tokenizer:
         return f"Tokenizer({str(self._path)!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: Path | str) -> Tokenizer:
-    """The tokenizer stored at `path`: the one entry point every command loads tokenizers by."""
-    return Tokenizer(path)
+def load_tokenizer(path: Path | str):
+    """The tokenizer stored at `path`: the one entry point every command loads tokenizers by.
+
+    A `tokenizer.json` (or a directory holding one) is a Hugging Face tokenizer (its sibling
+    tokenizer_config.json gives BOS/EOS/PAD and the chat template); anything else is a
+    SentencePiece model. Both answer the same interface: encode/encode_batch/decode,
+    prompt_ids, chat_ids/render_chat (instruct models), vocab_size, bos/eos/pad/unk ids.
+    """
+    p = Path(path)
+    if p.suffix == ".json" or (p.is_dir() and (p / "tokenizer.json").is_file()):
+        from jaxttt.data.hf_tokenizer import HFTokenizer
+        return HFTokenizer(p)
+    return Tokenizer(p)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxttt.sharding import constrain
@@ -21,11 +22,12 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
 
 
 class Linear(nnx.Module):
-    """y = x W (+ LoRA: dropout(x) A B · alpha/rank when adapters are attached and enabled)."""
+    """y = x W (+ b) (+ LoRA: dropout(x) A B · alpha/rank when adapters are attached and enabled)."""
 
     def __init__(self, d_in: int, d_out: int, *, axes: tuple[str | None, str | None], tag: str,
-                 dtype: jnp.dtype, rngs: nnx.Rngs):
+                 dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False):
         self.kernel = param(rngs, (d_in, d_out), axes)
+        self.bias = param(rngs, (d_out,), axes[1:], init=jax.nn.initializers.zeros) if bias else None
         self.tag = tag  # which projection this is (q, k, v, o, gate, up, down): LoRA targets it
         self.axes = axes
         self.dtype = dtype
@@ -36,6 +38,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, *, use_lora: bool = True) -> jax.Array:
         y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
         if use_lora and self.lora_a is not None:
             h = self.lora_dropout(x) if self.lora_dropout is not None else x
             h = h.astype(self.dtype) @ self.lora_a[...].astype(self.dtype)
@@ -54,12 +58,39 @@ class RMSNorm(nnx.Module):
         return (x32 * jax.lax.rsqrt(var + self.eps) * self.scale[...]).astype(x.dtype)
 
 
-def rope(x_BTHK: jax.Array, pos_BT: jax.Array, *, theta: float, rot_dim: int) -> jax.Array:
-    """Rotary embedding on the first `rot_dim` features of each head (NeoX half-split layout)."""
+def rope_frequencies(cfg) -> np.ndarray:
+    """Inverse wavelengths [rot_dim/2] of RoPE, with the config's rope scaling (float32).
+
+    `llama3` follows Llama 3.1: wavelengths longer than original_len/low_freq_factor are divided
+    by `factor`, shorter than original_len/high_freq_factor kept, and the band between blended.
+    """
+    half = cfg.rope_dim // 2
+    freq = 1.0 / (cfg.rope_theta ** (np.arange(half, dtype=np.float32) * 2 / max(cfg.rope_dim, 1)))
+    freq = freq.astype(np.float32)
+    if cfg.rope_scaling == "linear":
+        return (freq / cfg.rope_factor).astype(np.float32)
+    if cfg.rope_scaling == "llama3":
+        wavelen = 2 * np.pi / freq
+        low_wl = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+        high_wl = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+        scaled = np.where(wavelen > low_wl, freq / cfg.rope_factor, freq)
+        smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return np.where(medium, blended, scaled).astype(np.float32)
+    return freq
+
+
+def rope(x_BTHK: jax.Array, pos_BT: jax.Array, *, freq_J, rot_dim: int) -> jax.Array:
+    """Rotary embedding on the first `rot_dim` features of each head (NeoX half-split layout).
+
+    `freq_J` [rot_dim/2]: inverse wavelengths (see `rope_frequencies`).
+    """
     if rot_dim == 0:
         return x_BTHK
     half = rot_dim // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freq = jnp.asarray(freq_J, jnp.float32)
     ang_BTJ = pos_BT.astype(jnp.float32)[..., None] * freq
     cos, sin = jnp.cos(ang_BTJ)[:, :, None, :], jnp.sin(ang_BTJ)[:, :, None, :]
     x32 = x_BTHK.astype(jnp.float32)
@@ -74,21 +105,30 @@ class Attention(nnx.Module):
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         D, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
         self.n_heads, self.n_kv, self.d_head = H, G, K
-        self.theta, self.rot_dim = cfg.rope_theta, cfg.rope_dim
+        self.freq = tuple(float(f) for f in rope_frequencies(cfg))  # static: a constant in jit
+        self.rot_dim = cfg.rope_dim
         self.impl = "cudnn" if cfg.attention == "cudnn" else None
-        self.q = Linear(D, H * K, axes=("embed", "heads"), tag="q", dtype=dtype, rngs=rngs)
-        self.k = Linear(D, G * K, axes=("embed", "kv_heads"), tag="k", dtype=dtype, rngs=rngs)
-        self.v = Linear(D, G * K, axes=("embed", "kv_heads"), tag="v", dtype=dtype, rngs=rngs)
+        bias = getattr(cfg, "qkv_bias", False)
+        self.q = Linear(D, H * K, axes=("embed", "heads"), tag="q", dtype=dtype, rngs=rngs, bias=bias)
+        self.k = Linear(D, G * K, axes=("embed", "kv_heads"), tag="k", dtype=dtype, rngs=rngs,
+                        bias=bias)
+        self.v = Linear(D, G * K, axes=("embed", "kv_heads"), tag="v", dtype=dtype, rngs=rngs,
+                        bias=bias)
         self.o = Linear(H * K, D, axes=("heads", "embed"), tag="o", dtype=dtype, rngs=rngs)
+        qk_norm = getattr(cfg, "qk_norm", False)
+        self.q_norm = RMSNorm(K, eps=cfg.norm_eps, rngs=rngs) if qk_norm else None
+        self.k_norm = RMSNorm(K, eps=cfg.norm_eps, rngs=rngs) if qk_norm else None
 
     def __call__(self, x_BTD, pos_BT, *, cache=None, use_lora=True):
         B, T, _ = x_BTD.shape
         q_BTHK = self.q(x_BTD, use_lora=use_lora).reshape(B, T, self.n_heads, self.d_head)
         k_BTGK = self.k(x_BTD, use_lora=use_lora).reshape(B, T, self.n_kv, self.d_head)
         v_BTGK = self.v(x_BTD, use_lora=use_lora).reshape(B, T, self.n_kv, self.d_head)
-        q_BTHK = constrain(rope(q_BTHK, pos_BT, theta=self.theta, rot_dim=self.rot_dim),
+        if self.q_norm is not None:
+            q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
+        q_BTHK = constrain(rope(q_BTHK, pos_BT, freq_J=self.freq, rot_dim=self.rot_dim),
                            "batch", "seq", "heads", "head_dim")
-        k_BTGK = rope(k_BTGK, pos_BT, theta=self.theta, rot_dim=self.rot_dim)
+        k_BTGK = rope(k_BTGK, pos_BT, freq_J=self.freq, rot_dim=self.rot_dim)
         if cache is None:
             out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=True,
                                                     implementation=self.impl)
