@@ -54,7 +54,7 @@ def new_run_dir(out: str | Path | None) -> Path:
         out, i = Path("runs") / f"demo-{stamp}", 1
         while out.exists():
             out, i = Path("runs") / f"demo-{stamp}-{i}", i + 1
-    from jaxttt.train.checkpoint import fresh_run_dir
+    from jaxttt.runs import fresh_run_dir
 
     return fresh_run_dir(out)
 
@@ -89,12 +89,10 @@ def _pretrain(out: Path, plan: DemoPlan, mode: str) -> Path:
 
 
 def _evaluate(run: Path) -> dict:
-    from jaxttt.data.tokenizer import Tokenizer
     from jaxttt.eval.report import evaluate, greedy_completions
-    from jaxttt.train.checkpoint import load_model
+    from jaxttt.runs import load_run
 
-    model, meta = load_model(run)
-    tok = Tokenizer(meta["tokenizer"])
+    model, tok, _ = load_run(run)
     report = evaluate(model, tok, probes="probes/default.yaml", seq_len=64, max_windows=16)
     prompts = ["def ", "import ", "class ", "    return "]
     report["samples"] = dict(zip(prompts, greedy_completions(model, tok, prompts, max_new_tokens=24)))
@@ -171,7 +169,7 @@ def write_report(out: Path, summary: dict) -> Path:
 
 
 def _final_loss(run: str) -> dict:
-    from jaxttt.eval.plots import read_jsonl
+    from jaxttt.runs import read_jsonl
 
     rows = read_jsonl(Path(run) / "metrics.jsonl")
     train = [r["loss"] for r in rows if "loss" in r]
@@ -218,8 +216,7 @@ def _continual_section(s: dict) -> list[str]:
 
 def _figures(out: Path, s: dict) -> list[str]:
     from jaxttt.eval import mhc_stats, plots
-    from jaxttt.data.tokenizer import Tokenizer
-    from jaxttt.train.checkpoint import load_model
+    from jaxttt.runs import load_run
 
     made = []
     made.append(plots.save(plots.loss_curves(s["runs"]), out / "loss_curves.png").name)
@@ -227,8 +224,8 @@ def _figures(out: Path, s: dict) -> list[str]:
                            out / "discover_rewards.png").name)
     made.append(plots.save(plots.archive_tree(s["discover"]["run_dir"]), out / "archive.png").name)
     made.append(plots.save(plots.gate_history(s["continual"]["out_dir"]), out / "gates.png").name)
-    model, meta = load_model(s["runs"]["mhc"])
-    toks = [Tokenizer(meta["tokenizer"]).encode("def main():\n    return 0\n")[:32]]
+    model, tok, _ = load_run(s["runs"]["mhc"])
+    toks = [tok.encode("def main():\n    return 0\n")[:32]]
     h = mhc_stats.h_res_by_layer(model, __import__("numpy").asarray(toks))
     made.append(plots.save(plots.h_res_heatmaps(h), out / "h_res.png").name)
     return made

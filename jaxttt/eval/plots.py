@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxttt.train.metrics import read_jsonl  # noqa: F401  (re-exported for notebooks)
+from jaxttt.runs import read_jsonl  # noqa: F401  (re-exported for notebooks)
 
 
 def _axes(ax):

@@ -40,7 +40,7 @@ def default_heldout(tokenizer: Tokenizer, *, cache: Path | str | None = None) ->
     """
     from jaxttt.data import corpus
     from jaxttt.data.packing import _locked, default_data_dir, pack, read_meta
-    from jaxttt.train.loop import cache_root
+    from jaxttt.runs import cache_root
 
     cache = Path(cache) if cache is not None else cache_root() / "data"  # as pretraining's
     max_bytes = corpus.DEFAULT_MAX_BYTES

@@ -3,28 +3,26 @@
 A run directory is never overwritten: a directory holding checkpoints is resumed from its latest
 one (params, optimizer, data position; the loss curve continues bitwise), any other non-empty
 directory is an error. SIGTERM (preemption) saves at the end of the current step and returns
-normally; a non-finite loss or gradient stops the run without saving that state.
+normally. An update with a non-finite loss or gradient is skipped by the trainer (weights and
+optimizer state unchanged; the row says `skipped`); `max_skipped` consecutive ones stop the run.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import threading
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxttt import config as C
-from jaxttt import sharding
+from jaxttt import runs, sharding
 from jaxttt.data import loader as data_loader
 from jaxttt.data.packing import ensure_default_data, read_meta
 from jaxttt.data.tokenizer import Tokenizer
@@ -32,13 +30,15 @@ from jaxttt.eval.perplexity import perplexity
 from jaxttt.train import metrics as M
 from jaxttt.train.checkpoint import (CKPT_DIR, MODEL_YAML, Checkpointer, RunDirError,  # noqa: F401
                                      save_model_config)
-from jaxttt.train.step import TrainStep, make_train_step
+from jaxttt.train.step import example_batch, make_trainer, next_batch
+from jaxttt.train.trainer import Trainer
 
 CONFIG_YAML = "config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became NaN/inf; the message names the step and checkpoint."""
+    """`max_skipped` updates in a row had a NaN/inf loss or gradient; the message names the
+    step and the last good checkpoint."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 def cache_root() -> Path:
     """$JAXTTT_CACHE, else ~/.cache/jaxttt (default corpus, compiled programs)."""
-    return Path(os.environ.get("JAXTTT_CACHE", "~/.cache/jaxttt")).expanduser()
+    return runs.cache_root()
 
 
 def enable_compile_cache() -> None:
@@ -129,7 +129,7 @@ def _check_same_model(run_dir: Path, model: C.ModelConfig) -> None:
 def _write_run_files(run_dir: Path, cfg: C.PretrainConfig) -> None:
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        C.save_yaml(cfg, run_dir / CONFIG_YAML)
+        runs.save_run_config(cfg, run_dir, CONFIG_YAML)  # portable: no run_dir inside
         save_model_config(run_dir, cfg.model)
 
 
@@ -138,35 +138,26 @@ def _write_run_files(run_dir: Path, cfg: C.PretrainConfig) -> None:
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class RunState:
-    params: nnx.State
-    opt: Any  # optax state
-    step: int  # optimizer updates applied
+    trainer: Trainer  # model, optimizer state (its update count drives the schedule)
+    step: int  # steps taken (= checkpoint number; skipped updates included)
     loader: data_loader.Batches
 
 
-def initial_state(cfg: C.PretrainConfig, trainer: TrainStep, ckpt: Checkpointer,
+def initial_state(cfg: C.PretrainConfig, trainer: Trainer, ckpt: Checkpointer,
                   resume: int | None, loader: data_loader.Batches) -> RunState:
     """Fresh state, or the checkpoint at `resume` with the data iterator put back in place."""
     if resume is None:
-        params, opt = trainer.init(cfg.seed)
-        return RunState(params, opt, 0, loader)
-    params, opt, meta = ckpt.restore(*trainer.abstract(), mesh=trainer.mesh, step=resume)
+        return RunState(trainer, 0, loader)
+    params, opt, meta = ckpt.restore(*trainer.abstract_state(), mesh=trainer.mesh, step=resume)
+    trainer.set_state(params, opt)
     data_loader.set_state(loader, meta["data"])
-    return RunState(params, opt, int(meta["step"]), loader)
-
-
-def next_batch(loader: data_loader.Batches, grad_accum: int, mesh) -> tuple[jax.Array, jax.Array]:
-    """The next A loader batches as global x_BAT, y_BAT (this process's rows, assembled)."""
-    micro = [next(loader) for _ in range(grad_accum)]
-    x_bAT = np.stack([m["x"] for m in micro], axis=1)
-    y_bAT = np.stack([m["y"] for m in micro], axis=1)
-    return sharding.global_batch(x_bAT, mesh), sharding.global_batch(y_bAT, mesh)
+    return RunState(trainer, int(meta["step"]), loader)
 
 
 def save(ckpt: Checkpointer, st: RunState, cfg: C.PretrainConfig) -> None:
     meta = {"data": data_loader.get_state(st.loader), "tokenizer": cfg.data.tokenizer,
             "seed": cfg.seed}
-    ckpt.save(st.step, st.params, st.opt, meta, force=True)
+    ckpt.save(st.step, st.trainer.params, st.trainer.opt_state, meta, force=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,29 +208,28 @@ def pretrain(cfg: C.PretrainConfig) -> Path:
         _say(f"run: already at step {resume} >= steps={cfg.steps}; nothing to do")
         return run_dir
     _barrier("run_dir")  # every process has looked before process 0 writes
-    trainer = make_train_step(cfg.model, cfg.optim, mesh, grad_accum=cfg.grad_accum,
-                              total_steps=cfg.steps)
+    trainer = make_trainer(cfg.model, cfg.optim, mesh, grad_accum=cfg.grad_accum,
+                           total_steps=cfg.steps, seed=cfg.seed)
     with closing(Checkpointer(run_dir, keep=cfg.keep, ckpt_dir=cfg.ckpt_dir or None)) as ckpt:  # close = wait for saves
         st = initial_state(cfg, trainer, ckpt, resume, loader)
         _write_run_files(run_dir, cfg)
-        _say(sharding.describe(trainer.model(st.params), mesh))
-        step_fn = trainer.compile(cfg.data.batch_size, cfg.data.seq_len, verbose=_is_main())
+        _say(sharding.describe(trainer.model, mesh))
+        trainer.compile(example_batch(cfg.data.batch_size, cfg.data.seq_len, cfg.grad_accum),
+                        verbose=_is_main())
         with closing(M.MetricsLog(run_dir, total_steps=cfg.steps, start_step=st.step,
                                   log_every=cfg.log_every)) as log, Preemption() as preempt:
-            train_steps(cfg, trainer, step_fn, st, ckpt, log, preempt, files)
+            train_steps(cfg, st, ckpt, log, preempt, files)
     return run_dir
 
 
-def train_steps(cfg: C.PretrainConfig, trainer: TrainStep, step_fn, st: RunState,
-                ckpt: Checkpointer, log: M.MetricsLog, preempt: Preemption,
-                files: DataFiles) -> None:
+def train_steps(cfg: C.PretrainConfig, st: RunState, ckpt: Checkpointer, log: M.MetricsLog,
+                preempt: Preemption, files: DataFiles) -> None:
     """Run steps until cfg.steps or preemption. Metrics are read one step late (the device
     stays busy), except at eval/save/stop boundaries, which check their own step first."""
     meter = _Meter(cfg)
     pending = None
     while st.step < cfg.steps:
-        x_BAT, y_BAT = next_batch(st.loader, cfg.grad_accum, trainer.mesh)
-        st.params, st.opt, m = step_fn(st.params, st.opt, x_BAT, y_BAT)
+        m = st.trainer.step_async(next_batch(st.loader, cfg.grad_accum, st.trainer.mesh))
         st.step += 1
         if pending is not None:
             meter.report(*pending, log, ckpt)
@@ -250,7 +240,7 @@ def train_steps(cfg: C.PretrainConfig, trainer: TrainStep, step_fn, st: RunState
             continue
         meter.report(*pending, log, ckpt)
         pending = None
-        _boundary(cfg, trainer, st, ckpt, log, files, stop)
+        _boundary(cfg, st, ckpt, log, files, stop)
         meter.restart()
         if stop:
             log.print(f"preempted: saved step {st.step} to {ckpt.dir}; rerun the same command "
@@ -258,29 +248,31 @@ def train_steps(cfg: C.PretrainConfig, trainer: TrainStep, step_fn, st: RunState
             return
 
 
-def _boundary(cfg, trainer, st: RunState, ckpt, log, files, stop: bool) -> None:
+def _boundary(cfg, st: RunState, ckpt, log, files, stop: bool) -> None:
     last = st.step == cfg.steps
     if files.val is not None and cfg.eval_every > 0 and (last or _every(st.step, cfg.eval_every)):
-        r = evaluate(trainer, st.params, files.val, cfg)
+        r = evaluate(st.trainer, files.val, cfg)
         log.val(st.step, r["loss"], r["perplexity"])
     if stop or last or _every(st.step, cfg.save_every):
         save(ckpt, st, cfg)
 
 
-def evaluate(trainer: TrainStep, params, val_bin: Path, cfg: C.PretrainConfig) -> dict:
+def evaluate(trainer: Trainer, val_bin: Path, cfg: C.PretrainConfig) -> dict:
     """Validation loss/perplexity on the first eval_batches * batch_size windows of val_bin."""
     B = cfg.data.batch_size
     with jax.set_mesh(trainer.mesh):
-        return perplexity(trainer.model(params), val_bin, seq_len=cfg.data.seq_len,
+        return perplexity(trainer.model, val_bin, seq_len=cfg.data.seq_len,
                           batch_size=B, max_windows=cfg.eval_batches * B, mesh=trainer.mesh)
 
 
 class _Meter:
-    """Turns a step's device metrics into a logged row; stops on a non-finite value."""
+    """Turns a step's device metrics into a logged row; stops after `max_skipped` skipped
+    updates in a row."""
 
     def __init__(self, cfg: C.PretrainConfig):
         self.tokens_per_step = cfg.data.batch_size * cfg.grad_accum * cfg.data.seq_len
         self.flops_token = M.flops_per_token(cfg.model, cfg.data.seq_len)
+        self.max_skipped, self.skipped_run = cfg.max_skipped, 0
         self.restart()
 
     def restart(self) -> None:
@@ -288,23 +280,29 @@ class _Meter:
 
     def report(self, step: int, m: dict, log: M.MetricsLog, ckpt: Checkpointer) -> None:
         m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-            _raise_non_finite(step, m, ckpt)
+        self.skipped_run = self.skipped_run + 1 if m["skipped"] else 0
+        if m["skipped"]:
+            log.print(f"step {step}: update skipped (loss {m['loss']}, grad norm "
+                      f"{m['grad_norm']}); weights and optimizer state unchanged")
         now = time.perf_counter()
         tok_s = self.tokens_per_step / max(now - self.t, 1e-9)
         self.t = now
-        log.train(step, {**m, "tokens": step * self.tokens_per_step, "tokens_per_s": tok_s,
+        row = {k: v if math.isfinite(v) else None for k, v in m.items()}  # NaN: not written
+        log.train(step, {**row, "tokens": step * self.tokens_per_step, "tokens_per_s": tok_s,
                          "mfu": M.mfu(tok_s, self.flops_token)})
+        if self.skipped_run >= self.max_skipped:
+            _raise_non_finite(step, m, self.skipped_run, ckpt)
 
 
-def _raise_non_finite(step: int, m: dict, ckpt: Checkpointer) -> None:
+def _raise_non_finite(step: int, m: dict, n: int, ckpt: Checkpointer) -> None:
     ckpt.wait()
     last = ckpt.latest_step()
-    kept = (f"the last good checkpoint is {ckpt.dir / str(last)} (step {last})" if last is not None
+    kept = (f"the last checkpoint is {ckpt.dir / str(last)} (step {last})" if last is not None
             else "no checkpoint was saved")
     raise NonFiniteLossError(
-        f"step {step}: non-finite training loss {m['loss']} (grad norm {m['grad_norm']}); "
-        f"stopped without saving this state; {kept}. Try a lower optim.lr (handoff D3)")
+        f"step {step}: non-finite training loss {m['loss']} (grad norm {m['grad_norm']}) in "
+        f"{n} updates in a row (max_skipped); stopped without saving this state; {kept}. "
+        "Try a lower optim.lr (handoff D3)")
 
 
 # --------------------------------------------------------------------------------------------

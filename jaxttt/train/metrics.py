@@ -8,7 +8,7 @@ to `RUN/tb/`. Only process 0 writes anything.
 """
 from __future__ import annotations
 
-import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,6 +17,7 @@ import jax
 from tqdm import tqdm
 
 from jaxttt.config import ModelConfig
+from jaxttt.runs import JsonlWriter, read_jsonl, rewind_jsonl  # noqa: F401 (re-exported)
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -83,10 +84,8 @@ class MetricsLog:
         self.log_every = max(1, log_every)
         self.t0 = time.time()
         self._file = self._tb = None
-        if self.enabled:
-            path = Path(run_dir) / METRICS_FILE
-            rewind_jsonl(path, start_step)
-            self._file = path.open("a")
+        if self.enabled:  # a resumed run drops rows after start_step and a torn last line
+            self._file = JsonlWriter(Path(run_dir) / METRICS_FILE, resume_step=start_step)
             self._tb = _tensorboard(Path(run_dir) / TB_DIR, start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.enabled,
                         desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr,
@@ -96,7 +95,7 @@ class MetricsLog:
         """Record one training step's metrics; print a line every `log_every` steps."""
         row = self._write({"step": step, **row}, "train")
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+        self.bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
                              refresh=False)
         if step % self.log_every == 0:
             self.print(format_row(row))
@@ -120,8 +119,7 @@ class MetricsLog:
         row = {**{k: v for k, v in row.items() if v is not None},
                "wall_time": round(time.time() - self.t0, 3)}
         if self.enabled:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
+            self._file.write(row)
             for key, value in row.items():
                 if key != "step":
                     self._tb.add_scalar(f"{prefix}/{key}", value, row["step"])
@@ -130,25 +128,10 @@ class MetricsLog:
 
 def format_row(row: dict) -> str:
     mfu_txt = f" mfu {row['mfu']:.1%}" if "mfu" in row else ""
-    return (f"step {row['step']}: loss {row['loss']:.4f} lr {row['lr']:.2e} "
-            f"grad_norm {row['grad_norm']:.3f} tok/s {row['tokens_per_s']:.0f}{mfu_txt}")
-
-
-def rewind_jsonl(path: Path, last_step: int) -> None:
-    """Drop rows after `last_step` (steps redone after resuming from an older checkpoint)."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(r + "\n" for r in rows))
-
-
-def read_jsonl(path: Path | str) -> list[dict]:
-    """All records of a JSONL file (metrics.jsonl, log.jsonl, ...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    skip_txt = " (update skipped)" if row.get("skipped") else ""
+    return (f"step {row['step']}: loss {row.get('loss', math.nan):.4f} lr {row['lr']:.2e} "
+            f"grad_norm {row.get('grad_norm', math.nan):.3f} tok/s {row['tokens_per_s']:.0f}"
+            f"{mfu_txt}{skip_txt}")
 
 
 def _tensorboard(log_dir: Path, start_step: int):
