@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "jaxttt.data.commands",  # tokenizer, data
     "jaxttt.train.commands",  # pretrain, sample
     "jaxttt.eval.commands",  # eval
+    "jaxttt.eval.codeeval_commands",  # codeeval
     "jaxttt.discover.commands",  # discover
     "jaxttt.sdft.commands",  # sdft, consolidate
     "jaxttt.seal.commands",  # serve-ttt, seal-query, seal-bench

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from jaxttt.discover.env import DiscoveryEnv, EnvError
 from jaxttt.eval import humaneval, sandbox
+from jaxttt.eval.humaneval import extract_code  # noqa: F401 - part of this module's interface
 
 if TYPE_CHECKING:
     from jaxttt.discover.archive import Archive
@@ -181,22 +182,6 @@ DEFAULT_CODE_PROBLEM = {
     ],
     "initial": "def rle(s):\n    raise NotImplementedError\n",
 }
-
-_FENCED = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-
-
-def extract_code(action: str) -> str:
-    """The first fenced block; else, for a continuation of an open fence, the text before the
-    closing fence; else the whole text."""
-    m = _FENCED.search(action)
-    if m:
-        code = m.group(1)
-    elif "```" in action:
-        code = action.split("```", 1)[0]
-    else:
-        code = action
-    return code.strip("\n") + "\n" if code.strip() else ""
-
 
 def _require_sandbox(unsafe_local_exec: bool) -> None:
     try:

@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 
@@ -81,6 +82,22 @@ def split_check(test_source: str) -> list[str]:
         snippets.append(ast.unparse(ast.fix_missing_locations(ast.Module(body=[fn], type_ignores=[])))
                         + "\n_check_one(candidate)\n")
     return snippets
+
+
+_FENCED = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(action: str) -> str:
+    """The first fenced block; else, for a continuation of an open fence, the text before the
+    closing fence; else the whole text."""
+    m = _FENCED.search(action)
+    if m:
+        code = m.group(1)
+    elif "```" in action:
+        code = action.split("```", 1)[0]
+    else:
+        code = action
+    return code.strip("\n") + "\n" if code.strip() else ""
 
 
 # ---- HumanEval ---------------------------------------------------------------------------------
