@@ -14,7 +14,8 @@ either returns in the confined process or raises `ConfineError`. Steps, in order
    the child's exit status.
 4. In the child: rlimits (CPU, address space, file size, open files, processes/threads,
    no core), close every fd but the channel, drop all capabilities, no_new_privs, then
-   Landlock (read-only: the interpreter's standard library and system libraries; read-write:
+   Landlock (read-only: the standard library without site-packages, libpython and the system's
+   shared-library directories; read-write:
    /tmp; a few /dev files; no execute anywhere; no TCP bind/connect; no signals or abstract
    unix sockets outside the domain), then a seccomp filter (libseccomp2 through ctypes)
    that refuses sockets, exec, fork (threads are allowed, bounded by RLIMIT_NPROC), ptrace and
@@ -56,7 +57,7 @@ READ_ONLY = FS_READ_FILE | FS_READ_DIR
 READ_WRITE = (FS_WRITE_FILE | FS_READ_FILE | FS_READ_DIR | FS_REMOVE_DIR | FS_REMOVE_FILE
               | FS_MAKE_DIR | FS_MAKE_REG | FS_MAKE_SYM | FS_REFER | FS_TRUNCATE)
 DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
-SYSTEM_LIBS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib")
+SYSTEM_LIBS = ("/lib64", "/usr/lib64")  # plus /lib/<multiarch> and /usr/lib/<multiarch>
 
 # seccomp: refused with EPERM (names missing on an architecture are skipped)
 DENIED_SYSCALLS = (
@@ -290,10 +291,16 @@ def apply_seccomp(lib) -> None:
 
 # ---- the whole sequence ----------------------------------------------------------------------
 def read_paths() -> list:
-    """What the confined interpreter may read: its standard library and the system libraries."""
+    """What the confined interpreter may read: its standard library (not site-packages), its
+    libpython, and the system's shared-library directories."""
     stdlib = os.path.dirname(os.__file__)
-    base_lib = os.path.join(sys.base_prefix, "lib")  # libpython*.so for a shared build
-    return [stdlib, base_lib, *SYSTEM_LIBS]
+    paths = [os.path.join(stdlib, name) for name in os.listdir(stdlib)
+             if name not in ("site-packages", "dist-packages")]
+    base_lib = os.path.join(sys.base_prefix, "lib")
+    if os.path.isdir(base_lib):
+        paths += [os.path.join(base_lib, n) for n in os.listdir(base_lib) if n.startswith("libpython")]
+    arch = getattr(sys.implementation, "_multiarch", "") or ""
+    return paths + [d for d in (*SYSTEM_LIBS, f"/lib/{arch}", f"/usr/lib/{arch}") if arch or d in SYSTEM_LIBS]
 
 
 def confine(cfg: dict, keep_fds: tuple) -> None:
