@@ -21,6 +21,12 @@ The verifiers here run on the host and trust nothing in it: exact built-in types
 size cap, finiteness, every constraint re-checked and every quantity recomputed; a claimed
 value that disagrees with the recomputed one makes the whole result invalid.
 
+Time: the defaults (a program gets 8 s of wall clock, Erdős and AC1 programs are told
+`budget_s` = 4) fit the discovery loop's default `reward_timeout_s` of 10 s on a small CPU
+machine; the paper gave programs minutes. For longer budgets raise `reward_timeout_s` above
+the env's `timeout_s`, or the loop stops waiting first (the program is still killed at its own
+deadline).
+
 A state is JSON {"code": program, "construction": verified construction}: the code and the
 solution, the two things the paper's reuse carries forward. `reward(state)` re-verifies the
 construction (no code runs); `transition_from(start, action)` runs the program against the
@@ -523,7 +529,7 @@ class CirclePackingEnv(ProgramEnv):
     helpers = _PACKING_HELPERS
     objective_name = "sum of radii"
 
-    def __init__(self, *, n: int = 26, timeout_s: float = 60.0, memory_mb: int = 1024,
+    def __init__(self, *, n: int = 26, timeout_s: float = 8.0, memory_mb: int = 1024,
                  max_code_lines: int = 80, unsafe_local_exec: bool = False):
         if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1000):
             raise EnvError(f"circle_packing: n must be an integer in [1, 1000], got {n!r}")
@@ -579,14 +585,14 @@ class ErdosMinOverlapEnv(ProgramEnv):
     objective_name = "C5 bound"
     references = (("best human", 0.380927), ("AlphaEvolve", 0.380924), ("TTT-Discover", 0.380876))
 
-    def __init__(self, *, budget_s: float = 20.0, timeout_s: float | None = None,
+    def __init__(self, *, budget_s: float = 4.0, timeout_s: float | None = None,
                  memory_mb: int = 1024, max_points: int = 20_000, seed: int = 0,
                  max_code_lines: int = 80, unsafe_local_exec: bool = False):
         if not (isinstance(budget_s, (int, float)) and budget_s > 0):
             raise EnvError(f"erdos_min_overlap: budget_s must be > 0, got {budget_s!r}")
         if not (isinstance(max_points, int) and 1 <= max_points <= 200_000):
             raise EnvError(f"erdos_min_overlap: max_points must be in [1, 200000], got {max_points!r}")
-        timeout_s = float(budget_s) + 15.0 if timeout_s is None else timeout_s
+        timeout_s = float(budget_s) + 4.0 if timeout_s is None else timeout_s
         super().__init__(budget_s=budget_s, timeout_s=timeout_s, memory_mb=memory_mb,
                          max_points=max_points, seed=seed, max_code_lines=max_code_lines,
                          unsafe_local_exec=unsafe_local_exec)
@@ -674,7 +680,7 @@ class AutocorrelationEnv(ProgramEnv):
     objective_name = "upper bound"
     references = (("best human", 1.50973), ("AlphaEvolve", 1.50314), ("TTT-Discover", 1.50287))
 
-    def __init__(self, *, budget_s: float = 20.0, timeout_s: float | None = None,
+    def __init__(self, *, budget_s: float = 4.0, timeout_s: float | None = None,
                  memory_mb: int = 1024, max_len: int = 20_000, initial_length: int = 600,
                  max_code_lines: int = 80, unsafe_local_exec: bool = False):
         if not (isinstance(budget_s, (int, float)) and budget_s > 0):
@@ -683,7 +689,7 @@ class AutocorrelationEnv(ProgramEnv):
             raise EnvError(f"autocorrelation: max_len must be in [1, 200000], got {max_len!r}")
         if not (isinstance(initial_length, int) and 1 <= initial_length <= max_len):
             raise EnvError(f"autocorrelation: initial_length must be in [1, max_len], got {initial_length!r}")
-        timeout_s = float(budget_s) + 15.0 if timeout_s is None else timeout_s
+        timeout_s = float(budget_s) + 4.0 if timeout_s is None else timeout_s
         super().__init__(budget_s=budget_s, timeout_s=timeout_s, memory_mb=memory_mb,
                          max_len=max_len, initial_length=initial_length,
                          max_code_lines=max_code_lines, unsafe_local_exec=unsafe_local_exec)
