@@ -157,7 +157,13 @@ def test_erdos_result_checks():
     h = [0.5 + rng.uniform(-0.3, 0.3) for _ in range(60)]
     hn = P.erdos_normalise(h, 100)
     c5 = P.erdos_bound(hn)
-    assert P.erdos_from_result((h, c5, 60), 100) == hn.tolist()
+    assert P.erdos_from_result((h, c5, 60), 100) == h  # kept as returned; scaled when scored
+    # Exact ones and a sum just above n/2: the state's reward repeats the transition's bound.
+    edge = [1.0] * 15 + [0.5 + 1e-9] * 30 + [0.0] * 15
+    c5_edge = P.erdos_bound(P.erdos_normalise(edge, 100))
+    state = P.encode_state("", P.erdos_from_result((edge, c5_edge, 60), 100))
+    env = load_env("erdos_min_overlap", {"unsafe_local_exec": UNSAFE})
+    assert env.reward(state) == 1 / c5_edge
     assert P.erdos_from_result((h, c5 + 5e-5, 60.0), 100)  # within the official 1e-4
     assert invalid(P.erdos_from_result, (h, c5 - 1e-3, 60), 100)  # claims a better bound
     assert invalid(P.erdos_from_result, (h, c5, 59), 100)

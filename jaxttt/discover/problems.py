@@ -178,15 +178,16 @@ def packing_from_result(result, n):
 
 
 def erdos_from_result(result, max_points):
-    """run() -> (h_values, c5_bound, n_points) as the verified normalised h list."""
+    """run() -> (h_values, c5_bound, n_points) as the verified h list. It is kept as returned
+    (not rescaled) so that re-verifying a state repeats exactly the same computation."""
     h_values, claimed, n_points = claim(result, 3, "run()")
-    h = erdos_normalise(h_values, max_points)
+    h = reals(h_values, "h_values", max_len=max_points).tolist()
     if real(n_points, "n_points") != len(h):
         raise Invalid(f"n_points is {n_points} but h has {len(h)} values")
-    c5 = erdos_bound(h)
+    c5 = erdos_bound(erdos_normalise(h, max_points))
     if abs(real(claimed, "c5_bound") - c5) > ERDOS_CLAIM_ATOL:
         raise Invalid(f"claimed C5 {claimed} but the bound is {c5}")
-    return h.tolist()
+    return h
 
 
 # ============================================================================================
@@ -603,8 +604,7 @@ class ErdosMinOverlapEnv(ProgramEnv):
         rng = np.random.default_rng(self.seed)
         n = int(rng.integers(40, 100))
         noise = rng.uniform(-0.4, 0.4, n)
-        h = erdos_normalise((0.5 + noise - noise.mean()).tolist(), self.max_points)
-        return encode_state("", h.tolist())
+        return encode_state("", (0.5 + noise - noise.mean()).tolist())
 
     def construction_from_result(self, result: Any) -> list:
         return erdos_from_result(result, self.max_points)
