@@ -1,11 +1,16 @@
 """The archive H of discovered states and PUCT selection of the next start state (handoff §7).
 
-score(s) = Q(s) + c * (R_max - R_min) * P(s) * sqrt(1 + T / (1 + n(s)))
+Two variants (`DiscoverConfig.puct_variant`), both with Q(s) = m(s) once s has been visited
+(n(s) > 0), else R(s), and a rank prior P(s) proportional to size - rank (best reward first):
 
-Q(s) = m(s), the best reward found by expanding s or its descendants, once s has been
-expanded (n(s) > 0), else R(s); P(s) a rank prior (best reward -> largest); T the number of
-expansions so far. This is the handoff's score; the official TTT-Discover code divides the
-exploration term by (1 + n(s)/G) instead.
+handoff   score = Q + c * scale * P * sqrt(1 + T / (1 + n)); n and T count expansions (one per
+          step); m(s) = best child reward over expansions of s or any descendant (updated on
+          every ancestor); scale = R_max - R_min over all states; equal rewards share a rank.
+official  score = Q + c * scale * P * sqrt(1 + T) / (1 + n), as the TTT-Discover code: n and T
+          count rollouts; a rollout raises m only on its direct parent and adds a visit to the
+          parent and every ancestor; a failed rollout (no valid state) only adds the visits;
+          scale = R_max - R_min over the non-initial states (all states while there are none);
+          ties in rank are broken by age (older first).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import math
 from typing import Any, Iterator, Sequence
 
 SCALE_FLOOR = 1e-6  # R_max - R_min floor: equal rewards still get a visit-count tie-break
+VARIANTS = ("handoff", "official")
 
 
 @dataclasses.dataclass
@@ -24,8 +30,8 @@ class Node:
     reward: float
     parent: int | None = None
     children: list[int] = dataclasses.field(default_factory=list)
-    n: int = 0  # expansions of this node or of its descendants
-    m: float | None = None  # best child reward over those expansions
+    n: int = 0  # visits: expansions (handoff) or rollouts (official) of it or its descendants
+    m: float | None = None  # best child reward seen (handoff: of descendants too)
     step: int = 0  # TTT step at which the state was added
     seed: bool = False  # initial states are never evicted
 
@@ -37,12 +43,15 @@ class Node:
 class Archive:
     """Tree of states keyed by id; at most `max_size` nodes (seeds may exceed it)."""
 
-    def __init__(self, max_size: int = 1000):
+    def __init__(self, max_size: int = 1000, variant: str = "handoff"):
         if max_size < 1:
             raise ValueError("archive max_size must be >= 1")
+        if variant not in VARIANTS:
+            raise ValueError(f"archive variant must be one of {'|'.join(VARIANTS)}, got {variant!r}")
         self.max_size = max_size
+        self.variant = variant
         self.nodes: dict[int, Node] = {}
-        self.total_expansions = 0  # T
+        self.total_expansions = 0  # T: expansions (handoff) or rollouts (official)
         self._next_id = 0
         self._by_state: dict[str, int] = {}
 
@@ -119,11 +128,19 @@ class Archive:
                 self.nodes[victim.parent].children.remove(victim.id)
 
     # ---- PUCT ------------------------------------------------------------------------------
-    def update_after_expand(self, node_id: int, child_rewards: Sequence[float]) -> None:
-        """After sampling from `node_id`: n += 1 and m = max(m, max child reward) for the node
-        and all its ancestors; T += 1."""
+    def update_after_expand(self, node_id: int, child_rewards: Sequence[float],
+                            failed: Sequence[bool] | None = None) -> None:
+        """After sampling rollouts from `node_id` (`failed[i]`: rollout i gave no valid state).
+
+        handoff: n += 1 and m = max(m, max child reward) for the node and all its ancestors;
+        T += 1. official: per rollout, n += 1 for the node and its ancestors and T += 1; a
+        valid rollout also sets m = max(m, reward) on the node itself.
+        """
         if node_id not in self.nodes:
             raise KeyError(f"archive has no node {node_id} (update before adding its children)")
+        if self.variant == "official":
+            self._update_official(node_id, child_rewards, failed)
+            return
         finite = [float(r) for r in child_rewards if math.isfinite(r)]
         y = max(finite) if finite else None
         cur: Node | None = self.nodes[node_id]
@@ -134,24 +151,49 @@ class Archive:
             cur = self.nodes.get(cur.parent) if cur.parent is not None else None
         self.total_expansions += 1
 
+    def _update_official(self, node_id: int, child_rewards: Sequence[float],
+                         failed: Sequence[bool] | None) -> None:
+        failed = [False] * len(child_rewards) if failed is None else list(failed)
+        if len(failed) != len(child_rewards):
+            raise ValueError(f"{len(failed)} failed flags for {len(child_rewards)} rollouts")
+        parent = self.nodes[node_id]
+        for reward, bad in zip(child_rewards, failed):
+            if not bad and math.isfinite(reward):
+                parent.m = float(reward) if parent.m is None else max(parent.m, float(reward))
+            cur: Node | None = parent
+            while cur is not None:
+                cur.n += 1
+                cur = self.nodes.get(cur.parent) if cur.parent is not None else None
+            self.total_expansions += 1
+
     def priors(self) -> dict[int, float]:
-        """P(s) proportional to N - rank(s), rank 0 = highest reward; equal rewards share a rank."""
-        rewards = sorted((node.reward for node in self.nodes.values()), reverse=True)
-        rank_of: dict[float, int] = {}
-        for rank, r in enumerate(rewards):
-            rank_of.setdefault(r, rank)
-        size = len(rewards)
-        raw = {node.id: float(size - rank_of[node.reward]) for node in self.nodes.values()}
+        """P(s) proportional to size - rank(s), rank 0 = highest reward; equal rewards share a
+        rank (handoff) or are ranked oldest first (official)."""
+        order = sorted(self.nodes.values(), key=lambda node: (-node.reward, node.id))
+        rank_of: dict[int, int] = {}
+        for rank, node in enumerate(order):
+            tied = self.variant == "handoff" and rank > 0 and node.reward == order[rank - 1].reward
+            rank_of[node.id] = rank_of[order[rank - 1].id] if tied else rank
+        size = len(order)
+        raw = {node_id: float(size - rank) for node_id, rank in rank_of.items()}
         total = sum(raw.values())
         return {node_id: v / total for node_id, v in raw.items()}
+
+    def scale(self) -> float:
+        """R_max - R_min (official: over non-initial states when there are any), floored."""
+        rewards = [node.reward for node in self.nodes.values()]
+        if self.variant == "official":
+            rewards = [node.reward for node in self.nodes.values() if not node.seed] or rewards
+        return max(max(rewards) - min(rewards), SCALE_FLOOR)
 
     def scores(self, c: float, T: int | None = None) -> dict[int, float]:
         if not self.nodes:
             raise ValueError("archive is empty")
         T = self.total_expansions if T is None else T
-        rewards = [node.reward for node in self.nodes.values()]
-        scale = max(max(rewards) - min(rewards), SCALE_FLOOR)
-        priors = self.priors()
+        scale, priors = self.scale(), self.priors()
+        if self.variant == "official":
+            return {node.id: node.q + c * scale * priors[node.id] * math.sqrt(1.0 + T) / (1.0 + node.n)
+                    for node in self.nodes.values()}
         return {node.id: node.q + c * scale * priors[node.id] * math.sqrt(1.0 + T / (1.0 + node.n))
                 for node in self.nodes.values()}
 
@@ -164,15 +206,15 @@ class Archive:
     # ---- serialisation ---------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (for result.json)."""
-        return {"max_size": self.max_size, "total_expansions": self.total_expansions,
-                "next_id": self._next_id,
+        return {"max_size": self.max_size, "variant": self.variant,
+                "total_expansions": self.total_expansions, "next_id": self._next_id,
                 "nodes": [dataclasses.asdict(node) for node in self.nodes.values()]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | str) -> Archive:
         if isinstance(data, str):
             data = json.loads(data)
-        archive = cls(max_size=int(data["max_size"]))
+        archive = cls(max_size=int(data["max_size"]), variant=data.get("variant", "handoff"))
         archive.total_expansions = int(data["total_expansions"])
         archive._next_id = int(data["next_id"])
         for raw in data["nodes"]:

@@ -183,7 +183,7 @@ class DiscoverRun:
         self.trainer = DiscoverTrainer(adapted, cfg, mesh, pad_id=tokenizer.pad_id)
         self.seed_state = env.initial_state()
         self.seed_reward, self.seed_error = seed_reward(env, self.seed_state, cfg.reward_timeout_s)
-        self.archive = Archive(cfg.archive_size)
+        self.archive = Archive(cfg.archive_size, variant=cfg.puct_variant)
         self.seed_id = self.archive.add_seed(self.seed_state, self.seed_reward)
         self.initial_prompt = env.context_from_archive(self.seed_state, self.archive)
         self.best = Best(self.seed_reward, self.seed_state)
@@ -222,7 +222,7 @@ class DiscoverRun:
 
     def expand(self, node: Node, ro: Rollouts, t: int) -> None:
         """Archive bookkeeping after sampling from `node`: statistics first, then children."""
-        self.archive.update_after_expand(node.id, ro.rewards)
+        self.archive.update_after_expand(node.id, ro.rewards, [e is not None for e in ro.errors])
         self.archive.add_top_children(node.id, ro.states, ro.rewards, self.cfg.children_per_step, t)
         self.best.update(ro.states, ro.rewards)
 

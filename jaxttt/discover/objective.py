@@ -26,25 +26,42 @@ def kl_to_uniform(rewards_N: jax.Array, beta: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(logq_N) * (logq_N + jnp.log(rewards_N.shape[-1])))
 
 
+BETA_MAX = 1e6  # the official code's cap: beta ~ 1/spread, so 1e3 capped spreads below ~1e-3
+
+
 @functools.partial(jax.jit, static_argnames=("iters",))
-def solve_beta(rewards_N: jax.Array, gamma: float, *, beta_max: float = 1e3, iters: int = 60) -> jax.Array:
-    """Bisection on [0, beta_max] for KL(q_beta || u) = gamma (KL is increasing in beta).
+def solve_beta(rewards_N: jax.Array, gamma: float, *, beta_max: float = BETA_MAX,
+               iters: int = 60) -> jax.Array:
+    """beta with KL(q_beta || u) = gamma (KL is increasing in beta), as the official code:
+    a bracket [hi/2, hi] found by doubling hi from 1 (capped at beta_max), then bisection in it
+    (relative precision 2^-iters at any scale, where bisection on [0, beta_max] loses the
+    small betas of large reward spreads).
 
     All rewards equal: 0 (no beta reaches gamma and none is needed). gamma above the reachable
     sup (log N minus the log of the number of tied best rewards): beta_max.
     """
     rewards_N = jnp.asarray(rewards_N, jnp.float32)
+    beta_max = jnp.float32(beta_max)
+
+    def too_small(beta):
+        return kl_to_uniform(rewards_N, beta) < gamma
+
+    def grow(hi):
+        return jnp.minimum(2.0 * hi, beta_max)
+
+    hi = jax.lax.while_loop(lambda hi: too_small(hi) & (hi < beta_max), grow,
+                            jnp.minimum(jnp.float32(1.0), beta_max))
+    lo = jnp.where(hi > 1.0, 0.5 * hi, 0.0)  # KL(lo) < gamma <= KL(hi) unless capped
 
     def body(_, lo_hi):
         lo, hi = lo_hi
         mid = 0.5 * (lo + hi)
-        below = kl_to_uniform(rewards_N, mid) < gamma
+        below = too_small(mid)
         return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
-    lo, hi = jax.lax.fori_loop(0, iters, body, (jnp.float32(0.0), jnp.float32(beta_max)))
+    lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
     beta = 0.5 * (lo + hi)
-    unreachable = kl_to_uniform(rewards_N, jnp.float32(beta_max)) < gamma
-    beta = jnp.where(unreachable, jnp.float32(beta_max), beta)
+    beta = jnp.where(too_small(beta_max), beta_max, beta)
     all_equal = jnp.max(rewards_N) == jnp.min(rewards_N)
     return jnp.where(all_equal, jnp.float32(0.0), beta)
 
@@ -85,7 +102,7 @@ class GroupAdvantages(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("iters", "drop_equal", "max_ratio"))
 def group_advantages(rewards_GN: jax.Array, gamma: float, *, beta: float | None = None,
-                     beta_max: float = 1e3, iters: int = 60, drop_equal: bool = True,
+                     beta_max: float = BETA_MAX, iters: int = 60, drop_equal: bool = True,
                      max_ratio: float = 1e6) -> GroupAdvantages:
     """Per-group beta (adaptive, or the fixed `beta`) and LOO advantages for rewards [G, N]."""
     rewards_GN = jnp.asarray(rewards_GN, jnp.float32)

@@ -29,7 +29,7 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, *, seed: int = 0, mesh=None) ->
     """Attach fresh adapters (in place) to every targeted projection; returns the model."""
     cfg.validate()
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-    a_init = jax.nn.initializers.he_uniform()
+    a_init = peft_a_init()
     for lin in _targets(model, cfg.targets):
         d_in, d_out = lin.kernel.shape
         lin.lora_a = nnx.LoRAParam(a_init(rngs.params(), (d_in, cfg.rank), jnp.float32),
@@ -43,6 +43,13 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, *, seed: int = 0, mesh=None) ->
         from jaxttt.sharding import shard_state
         nnx.update(model, shard_state(nnx.state(model, nnx.LoRAParam), mesh))
     return model
+
+
+def peft_a_init():
+    """A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)): peft's kaiming_uniform_(a=sqrt(5)) on its [r, d_in]
+    weight (gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / d_in)), here on A [d_in, r]."""
+    return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-2,
+                                                out_axis=-1)
 
 
 def has_lora(model: nnx.Module) -> bool:
