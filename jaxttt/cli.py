@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "jaxttt.eval.commands",  # eval
     "jaxttt.eval.codeeval_commands",  # codeeval
     "jaxttt.discover.commands",  # discover
+    "jaxttt.discover.set_commands",  # discover-set
     "jaxttt.sdft.commands",  # sdft, consolidate
     "jaxttt.seal.commands",  # serve-ttt, seal-query, seal-bench
     "jaxttt.bench",  # bench
