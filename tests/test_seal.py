@@ -212,6 +212,8 @@ def test_training_request_reply_and_pristine_base(server):
     assert ttt["train"]["lr_first"] == pytest.approx(1e-3)
     assert ttt["train"]["lr_last"] == pytest.approx(1e-3 / 9, rel=1e-5)  # linear decay to 0
     assert Path(ttt["train"]["adapter_dir"], "lora.json").is_file()
+    peft = json.loads(Path(ttt["train"]["peft_dir"], "adapter_config.json").read_text())
+    assert (peft["r"], peft["lora_alpha"], peft["target_modules"]) == (8, 16, ["q_proj", "v_proj"])
 
 
 def test_skip_training_twice_then_malformed_then_ok(server):
@@ -231,9 +233,9 @@ def test_skip_training_twice_then_malformed_then_ok(server):
 
 
 def test_statelessness_across_training_requests(server):
-    req = _payload(ITEMS[2], finetune_epochs=2)
+    req = _payload(ITEMS[2])
     a = _ask(server.port, req)
-    _ask(server.port, _payload(ITEMS[3], finetune_epochs=2, finetune_lr=1e-2))  # another round
+    _ask(server.port, _payload(ITEMS[3], seed=7))  # another round in between
     b = _ask(server.port, req)
     assert a["baseline_texts"] == b["baseline_texts"]
     assert a == b  # same seed: the whole round is reproducible
@@ -266,3 +268,43 @@ def test_shutdown_says_bye(server):
     assert _ask(server.port, {"cmd": "shutdown"}) == {"status": "bye"}
     server.thread.join(timeout=30)
     assert not server.thread.is_alive() and server.result["rc"] == 0 and server.sock is None
+
+
+# ---- the command in its own process ----------------------------------------------------------
+def test_cli_process_serves_and_exits_zero(tok, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from jaxttt.train.checkpoint import Checkpointer, save_model_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model_config(run, MODEL)
+    ckpt = Checkpointer(run, async_save=False)
+    ckpt.save(0, nnx.state(Transformer(MODEL, rngs=nnx.Rngs(0)), nnx.Param),
+              meta={"tokenizer": str(tok.path)})
+    ckpt.close()
+    bad = subprocess.run([sys.executable, "-m", "jaxttt.cli", "serve-ttt", "--ckpt",
+                          str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert bad.stderr.startswith("jaxttt serve-ttt: error:")
+    with socket.socket() as s:  # a free port (the server binds it a moment later)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "log.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxttt.cli", "serve-ttt", "--ckpt", str(run),
+                             "--port", str(port), "--log", str(log)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        err = _ask_raw(port, [b"\x00not json"], timeout_s=120)
+        assert err["error"].startswith("RequestError: message: not UTF-8") or \
+            err["error"].startswith("RequestError: message: not JSON"), err
+        assert _ask(port, {"cmd": "shutdown"}) == {"status": "bye"}
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [json.loads(x)["kind"] for x in log.read_text().splitlines()] == ["error", "shutdown"]
+    assert f"listening on tcp://127.0.0.1:{port}" in proc.stdout.read()

@@ -12,7 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Load a model once; per request: baseline eval, LoRA fine-tune on the "
                     "request's sequences, adapted eval, then back to the pristine base. "
                     "Stop with {\"cmd\": \"shutdown\"} (or SIGINT/SIGTERM).")
-    p.add_argument("--ckpt", required=True, help="run directory or converted model")
+    p.add_argument("--ckpt", required=True,
+                   help="run directory, converted model, or a named model "
+                        "(smollm2-135m-instruct)")
     _server_args(p)
     p.add_argument("--port", type=int, default=5555, help="0 = any free port (printed)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (* = all)")
@@ -33,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Starts the server in-process on a free loopback port and sends one SEAL "
                     "request per invented-entity passage; prints baseline vs adapter accuracy "
                     "and per-phase latency; writes every reply to --out (JSON).")
-    b.add_argument("--ckpt", required=True, help="run directory or converted model")
+    b.add_argument("--ckpt", required=True,
+                   help="run directory, converted model, or a named model")
     _server_args(b)
     b.add_argument("--passages", type=int, default=24)
     b.add_argument("--seed", type=int, default=0, help="knowledge-set seed")
@@ -46,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the run's)")
     p.add_argument("--grader", default=None,
                    help="module:function grading (questions, predictions) -> list[bool] "
                         "(default: normalised exact/substring match)")
@@ -63,7 +67,7 @@ def _fail(cmd: str, e: BaseException) -> int:
 
 
 def build_engine(args: argparse.Namespace):
-    """(engine) from --ckpt and the server options; user mistakes raise ValueError/OSError."""
+    """The engine from --ckpt and the server options (user mistakes raise ValueError/UserError)."""
     from jaxttt.seal.engine import EngineConfig, TTTEngine
     from jaxttt.seal.grading import load_grader
     from jaxttt.seal.loading import load_base
@@ -78,7 +82,7 @@ def build_engine(args: argparse.Namespace):
         raise ValueError(f"--max-new-tokens: expected a positive integer, got "
                          f"{args.max_new_tokens}")
     grader = load_grader(args.grader)
-    model, tok = load_base(args.ckpt)
+    model, tok = load_base(args.ckpt, tokenizer=args.tokenizer)
     cfg = EngineConfig(max_new_tokens=args.max_new_tokens, prompt_style=args.prompt,
                        lora_targets=targets)
     return TTTEngine(model, tok, grader=grader, cfg=cfg, keep_adapter_dir=args.keep_adapter_dir)
@@ -90,12 +94,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from jaxttt.seal.server import TTTServer
 
-    try:
-        engine = build_engine(args)
-        server = TTTServer(engine, host=args.host, port=args.port, log_path=args.log)
-        server.bind()
-    except (ValueError, OSError, RuntimeError) as e:
-        return _fail("serve-ttt", e)
+    engine = build_engine(args)  # user errors: one line from jaxttt.cli.main
+    server = TTTServer(engine, host=args.host, port=args.port, log_path=args.log)
+    server.bind()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -118,7 +119,7 @@ def _query(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.request}: line {e.lineno}: not JSON ({e.msg})") from None
             reply = query(request, host=args.host, port=args.port, timeout_s=args.timeout,
                           retries=args.retries)
-    except (ValueError, OSError, TTTServerError) as e:
+    except TTTServerError as e:
         return _fail("seal-query", e)
     print(json.dumps(reply, indent=1))
     return 0
@@ -127,10 +128,7 @@ def _query(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from jaxttt.seal.bench import run_bench
 
-    try:
-        engine = build_engine(args)
-    except (ValueError, OSError, RuntimeError) as e:
-        return _fail("seal-bench", e)
+    engine = build_engine(args)
     hparams = dict(finetune_epochs=args.epochs, finetune_lr=args.lr, lora_rank=args.rank,
                    lora_alpha=args.alpha)
     report = run_bench(engine, n=args.passages, seed=args.seed, hparams=hparams)

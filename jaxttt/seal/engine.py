@@ -72,8 +72,8 @@ class TTTEngine:
         self.cfg = cfg
         self.limits = limits
         self.style = prompts.resolve_style(tokenizer, cfg.prompt_style)
-        self.stop_id = prompts.stop_id(tokenizer, self.style)
-        self.pad_id = _pad_id(tokenizer, self.stop_id)
+        self.stop_id = prompts.stop_id(tokenizer)
+        self.pad_id = int(tokenizer.pad_id)  # the sampler never bans a pad that is the EOS
         self.graphdef, self.base_state = nnx.split(model)
         self.model_cfg = model.cfg
         self.window = min(cfg.max_seq_len, model.cfg.max_seq_len)
@@ -100,11 +100,24 @@ class TTTEngine:
         ad_texts, ad_ok = self.evaluate(model, req, prompt_ids, use_lora=True)
         t3 = time.perf_counter()
         if self.keep_adapter_dir is not None:
-            train["adapter_dir"] = str(lora.save_adapters(
-                model, self.keep_adapter_dir / f"request_{self.rounds:06d}"))
+            train.update(self.save_adapter(model))
         self.rounds += 1
         timings.update(finetune_s=t2 - t1, adapted_eval_s=t3 - t2, total_s=t3 - t0)
         return RoundResult(build_reply(base_texts, base_ok, ad_texts, ad_ok), timings, train)
+
+    def save_adapter(self, model: nnx.Module) -> dict[str, str]:
+        """keep_adapter_dir/request_N: orbax adapters + lora.json, and final_adapter/ in peft
+        format (SEAL's layout) when the model has a Hugging Face equivalent."""
+        from jaxttt.model.convert import ConvertError
+        from jaxttt.model.export import export_peft
+
+        out = lora.save_adapters(model, self.keep_adapter_dir / f"request_{self.rounds:06d}")
+        saved = {"adapter_dir": str(out)}
+        try:
+            saved["peft_dir"] = str(export_peft(model, out / "final_adapter"))
+        except ConvertError as e:  # e.g. an mHC model: no peft names for its modules
+            saved["peft_dir"] = f"not written: {e}"
+        return saved
 
     # ------------------------------------------------------------------ evaluation
     def prompt_ids(self, req: TTTRequest) -> list[list[int]]:
@@ -204,11 +217,3 @@ def _token_mean(metrics: list[dict]) -> float:
 
 def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
-
-
-def _pad_id(tok: Any, stop_id: int) -> int:
-    """A filler id that is never the stop token (the sampler never emits its pad id)."""
-    pad = getattr(tok, "pad_id", None)
-    if isinstance(pad, int) and pad >= 0 and pad != stop_id:
-        return pad
-    return 0 if stop_id != 0 else 1

@@ -1,26 +1,18 @@
 """The server's base model and tokenizer from a `--ckpt` spec."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
-def load_base(spec: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a run directory or converted model (via `jaxttt.runs.load_run`
-    when the run layer is present, else a pretraining checkpoint and its SentencePiece model)."""
-    try:
-        from jaxttt.runs import load_run
-    except ImportError:
-        load_run = None
-    if load_run is not None:
-        model, tok, _ = load_run(spec)
-        return model, tok
-    from jaxttt.data.tokenizer import Tokenizer
-    from jaxttt.train.checkpoint import CheckpointError, load_model
+def load_base(spec: str, *, tokenizer: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a run directory (a pretraining run or a converted model), or of a
+    named pretrained model (e.g. smollm2-135m-instruct: converted once under the cache root)."""
+    from jaxttt.model import named
+    from jaxttt.runs import load_run
 
-    try:
-        model, meta = load_model(spec)
-    except CheckpointError as e:
-        raise ValueError(f"--ckpt: {e}") from None
-    if not meta.get("tokenizer"):
-        raise ValueError(f"--ckpt {spec}: the checkpoint names no tokenizer")
-    return model, Tokenizer(meta["tokenizer"])
+    if spec in named.NAMED and not Path(spec).exists():
+        from jaxttt.model.pretrained import ensure_named_run
+        spec = str(ensure_named_run(spec))
+    model, tok, _ = load_run(spec, tokenizer=tokenizer)
+    return model, tok

@@ -2,9 +2,10 @@
 
 Answer prompts: SEAL's base template, or, for an instruct model, its system line and the
 question as the user turn rendered with the tokenizer's own chat template (SEAL hard-codes
-Qwen's ChatML; here the tokenizer decides). Training rows: each sequence is tokenized without
-a BOS, ends with EOS (SEAL pads with EOS and trains on it), is truncated to the model window,
-and with `end_mask_substring` its labels up to and including the first match are masked.
+Qwen's ChatML; here the tokenizer decides). Training rows: each sequence is tokenized as a
+document starts (the tokenizer's `prompt_ids`), ends with EOS (SEAL pads with EOS and trains
+on it), is truncated to the model window, and with `end_mask_substring` its labels up to and
+including the first match are masked.
 """
 from __future__ import annotations
 
@@ -23,12 +24,7 @@ PROMPT_STYLES = ("auto", "base", "chat")
 
 def has_chat_template(tok: Any) -> bool:
     """Whether the tokenizer can render chat messages (an instruct model's tokenizer)."""
-    if not callable(getattr(tok, "apply_chat_template", None)):
-        return False
-    flag = getattr(tok, "has_chat_template", None)
-    if flag is None:
-        flag = getattr(tok, "chat_template", None)
-    return bool(flag() if callable(flag) else flag)
+    return bool(getattr(tok, "chat_template", None)) and callable(getattr(tok, "chat_ids", None))
 
 
 def resolve_style(tok: Any, style: str) -> str:
@@ -42,23 +38,24 @@ def resolve_style(tok: Any, style: str) -> str:
     return style
 
 
+def document_ids(tok: Any, text: str) -> list[int]:
+    """`text` tokenized as the model saw documents start (the tokenizer's `prompt_ids`: EOS
+    or BOS first where the model was trained so), else plain `encode`."""
+    fn = getattr(tok, "prompt_ids", None)
+    return list(fn(text)) if callable(fn) else list(tok.encode(text))
+
+
 def answer_prompt_ids(tok: Any, question: str, style: str) -> list[int]:
     """Token ids of the answer prompt for one question (`style` already resolved)."""
     if style == "base":
-        return list(tok.encode(ANSWER_TEMPLATE_BASE.format(question=question)))
+        return document_ids(tok, ANSWER_TEMPLATE_BASE.format(question=question))
     messages = [{"role": "system", "content": ANSWER_SYSTEM},
                 {"role": "user", "content": question}]
-    out = tok.apply_chat_template(messages, add_generation_prompt=True)
-    return list(tok.encode(out)) if isinstance(out, str) else [int(i) for i in out]
+    return [int(i) for i in tok.chat_ids(messages, add_generation_prompt=True)]
 
 
-def stop_id(tok: Any, style: str) -> int:
-    """The token that ends an answer: the end-of-turn token for chat prompts, else EOS."""
-    if style == "chat":
-        for name in ("eot_id", "end_of_turn_id"):
-            val = getattr(tok, name, None)
-            if isinstance(val, int):
-                return val
+def stop_id(tok: Any) -> int:
+    """The token that ends an answer: EOS (an instruct tokenizer's EOS is its end of turn)."""
     return int(tok.eos_id)
 
 
@@ -82,11 +79,11 @@ def mask_end(tok: Any, ids: Sequence[int], text: str, sub: str | None) -> int:
 
 def train_rows(tok: Any, sequences: Sequence[str], max_len: int,
                end_mask_substring: str | None) -> list[tuple[list[int], int]]:
-    """(ids, n_masked) per sequence: text + EOS, cut to `max_len` tokens, labels of the first
-    n_masked tokens masked."""
+    """(ids, n_masked) per sequence: the document's tokens + EOS, cut to `max_len` tokens,
+    labels of the first n_masked tokens masked."""
     rows = []
     for seq in sequences:
-        ids = list(tok.encode(seq))[: max_len - 1] + [int(tok.eos_id)]
+        ids = document_ids(tok, seq)[: max_len - 1] + [int(tok.eos_id)]
         rows.append((ids, mask_end(tok, ids[:-1], seq, end_mask_substring)))
     return rows
 

@@ -10,7 +10,7 @@ the JSONL log: kind, sizes, timings, accuracies or the error.
 """
 from __future__ import annotations
 
-import json
+import functools
 import threading
 import time
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import zmq
 
+from jaxttt.runs import append_jsonl
 from jaxttt.seal import protocol
 from jaxttt.seal.engine import TTTEngine
 
@@ -26,7 +27,8 @@ BYE = {"status": "bye"}
 
 class TTTServer:
     def __init__(self, engine: TTTEngine, *, host: str = "127.0.0.1", port: int = 5555,
-                 log_path: str | Path | None = None, echo: Callable[[str], None] | None = print):
+                 log_path: str | Path | None = None,
+                 echo: Callable[[str], None] | None = functools.partial(print, flush=True)):
         self.engine = engine
         self.host, self.port = host, port
         self.log_path = Path(log_path).absolute() if log_path else None
@@ -106,9 +108,7 @@ class TTTServer:
         if self.log_path is None:
             return
         try:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.log_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(entry, default=str) + "\n")
+            append_jsonl(self.log_path, [entry])
         except OSError as e:  # a full disk must not cost the client its reply
             self.echo(f"serve-ttt: cannot write {self.log_path}: {e}")
 
