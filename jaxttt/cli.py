@@ -20,6 +20,7 @@ import sys
 COMMAND_MODULES = (
     "jaxttt.data.commands",  # tokenizer, data
     "jaxttt.train.commands",  # pretrain, sample
+    "jaxttt.model.commands",  # convert, export
     "jaxttt.eval.commands",  # eval
     "jaxttt.eval.codeeval_commands",  # codeeval
     "jaxttt.discover.commands",  # discover
