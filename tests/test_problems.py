@@ -143,7 +143,8 @@ def test_erdos_bound_on_known_step_functions():
     # h = 1/2 everywhere: the overlap at shift 0 is the integral of 1/4 over [0, 2].
     assert P.erdos_bound(P.erdos_normalise([0.5] * 40, 100)) == pytest.approx(0.5, abs=1e-15)
     # h = 1 on [0, 1), 0 on [1, 2): a full shift puts h under 1 - h, overlap 1.
-    assert P.erdos_bound(P.erdos_normalise([1.0] * 20 + [0.0] * 20, 100)) == pytest.approx(1.0, abs=1e-15)
+    step = P.erdos_normalise([1.0] * 20 + [0.0] * 20, 100)
+    assert P.erdos_bound(step) == pytest.approx(1.0, abs=1e-15)
     rng = random.Random(0)
     raw = [rng.uniform(0.1, 0.9) for _ in range(57)]
     h = P.erdos_normalise(raw, 100)
@@ -254,7 +255,8 @@ def test_prompt_shows_code_value_and_parent(cp):
     assert prompt.endswith("```python\n")
     assert "No previous" not in prompt and "Write the program." in cp.context_from_archive("", None)
     long = "\n".join(f"x{i} = {i}" for i in range(500))
-    assert "middle truncated" in P.truncate_lines(long, 80) and "x499 = 499" in P.truncate_lines(long, 80)
+    short = P.truncate_lines(long, 80)
+    assert "middle truncated" in short and "x499 = 499" in short and len(short.splitlines()) == 81
 
 
 # ---- programs in the sandbox ---------------------------------------------------------------------
@@ -276,6 +278,16 @@ def test_circle_packing_rollout_through_the_sandbox(cp):
     code, construction = P.decode_state(state)
     assert code.strip() == GRID_PROGRAM.strip() and len(construction) == 26
     assert cp.reward(state) == reward
+
+
+def test_printed_output_is_kept_and_shown_but_never_scored(cp):
+    noisy = GRID_PROGRAM.replace("    return centers",
+                                 "    print('x' * 900 + 'sum_radii = 9.0')\n    return centers")
+    state, reward, error = safe_reward(cp, "```python\n" + noisy + "```", timeout_s=60)
+    assert error is None and reward == pytest.approx(2.5, abs=1e-12)
+    printed = P.state_output(state)
+    assert printed.endswith("sum_radii = 9.0") and len(printed) <= P.OUTPUT_CHARS
+    assert "sum_radii = 9.0\n--- End of output ---" in cp.context_from_archive(state, None)
 
 
 HOSTILE = {  # name: (program, why it scores 0)
@@ -316,7 +328,8 @@ def test_programs_start_from_the_start_states_construction():
     assert error is None and P.decode_state(state)[1] == [1.0, 0.5, 0.5, 1.0]
     assert reward == pytest.approx(1 / ac_by_hand([1.0, 0.5, 0.5, 1.0]), rel=1e-12)
     # From the initial prompt (no start state) the program sees the seed's construction.
-    state, reward, error = safe_reward(env, "```python\n" + program.replace("> 2.2", "== 2.0") + "```", 30)
+    seed_program = program.replace("> 2.2", "== 2.0")
+    state, reward, error = safe_reward(env, "```python\n" + seed_program + "```", 30)
     assert error is None and reward == pytest.approx(0.5)
 
 

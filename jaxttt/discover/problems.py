@@ -27,9 +27,10 @@ machine; the paper gave programs minutes. For longer budgets raise `reward_timeo
 the env's `timeout_s`, or the loop stops waiting first (the program is still killed at its own
 deadline).
 
-A state is JSON {"code": program, "construction": verified construction}: the code and the
-solution, the two things the paper's reuse carries forward. `reward(state)` re-verifies the
-construction (no code runs); `transition_from(start, action)` runs the program against the
+A state is JSON {"code": program, "construction": verified construction, "output": the end of
+what the program printed}: the code and the solution the paper's reuse carries forward, and the
+output its prompts show back to the model. `reward(state)` re-verifies the construction (no
+code runs); `transition_from(start, action)` runs the program against the
 start state's construction.
 """
 from __future__ import annotations
@@ -42,7 +43,6 @@ import logging
 import math
 import os
 import select
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -110,7 +110,8 @@ def packing_sum(circles, n):
     x, y, r = xyr[:, 0], xyr[:, 1], xyr[:, 2]
     if (r < 0).any():
         raise Invalid(f"circle {int(np.argmax(r < 0))} has a negative radius")
-    out = (x - r < -PACKING_TOL) | (x + r > 1 + PACKING_TOL) | (y - r < -PACKING_TOL) | (y + r > 1 + PACKING_TOL)
+    lo, hi = -PACKING_TOL, 1 + PACKING_TOL
+    out = (x - r < lo) | (x + r > hi) | (y - r < lo) | (y + r > hi)
     if out.any():
         raise Invalid(f"circle {int(np.argmax(out))} is not inside the unit square")
     i, j = np.triu_indices(n, 1)
@@ -194,6 +195,7 @@ def erdos_from_result(result, max_points):
 # Running a program in the sandbox: its entry function's return value, as plain data
 # ============================================================================================
 ALLOWED_PACKAGES = ("numpy", "scipy")
+OUTPUT_CHARS = 500  # of a program's printed output kept in its state, as the official prompts
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -272,7 +274,10 @@ def _jaxttt_call(kwargs):
     fn = globals().get({entry!r})
     if not callable(fn):
         raise NameError("the program does not define {entry}()")
-    return _jaxttt_plain(fn(**kwargs))
+    try:
+        return _jaxttt_plain(fn(**kwargs))
+    finally:
+        _sys.stdout.flush()
 '''
 
 
@@ -302,24 +307,31 @@ def _read_frame(fd: int, deadline: float):
         raise ProgramFailed(f"unreadable result ({e})") from None
 
 
+def _tail(f, chars: int) -> str:
+    """The last `chars` characters of what the program printed (shown in the next prompt)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - 4 * chars))
+    return f.read().decode("utf-8", errors="replace")[-chars:]
+
+
 def run_program(code: str, entry_kwargs: dict, limits: RunLimits = RunLimits(), *,
-                unsafe_local_exec: bool = False) -> Any:
+                unsafe_local_exec: bool = False) -> tuple[Any, str]:
     """Run `code` (which ends by defining `_jaxttt_call`, see `_call_postlude`) in a confined
-    sandbox process, call `_jaxttt_call(entry_kwargs)` there and return its value as plain data.
-    Raises ProgramFailed for anything the program did wrong, SandboxUnavailable when it cannot
-    be confined here (unless `unsafe_local_exec`)."""
+    sandbox process, call `_jaxttt_call(entry_kwargs)` there and return (its value as plain
+    data, the tail of what it printed). Raises ProgramFailed for anything the program did
+    wrong, SandboxUnavailable when it cannot be confined here (unless `unsafe_local_exec`)."""
     confined = sandbox.check_confinement(unsafe_local_exec)
     box = sandbox.Limits(timeout_s=limits.timeout_s, memory_mb=limits.memory_mb)
     deadline = time.monotonic() + limits.timeout_s
     (req_r, req_w), (rep_r, rep_w) = os.pipe(), os.pipe()
     to_close = [req_r, req_w, rep_r, rep_w]
-    with sandbox._Workdir(confined) as workdir, tempfile.TemporaryFile() as err:
+    with sandbox._Workdir(confined) as workdir, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err:
         proc = None
         try:
             cfg = sandbox._candidate_cfg(code, "serve", box, confined, workdir)
             cfg["extra_read"] = _readable_dirs(package_roots())
-            proc = sandbox._spawn("candidate", cfg, (req_r, rep_w), subprocess.DEVNULL, err,
-                                  workdir or "/tmp")
+            proc = sandbox._spawn("candidate", cfg, (req_r, rep_w), out, err, workdir or "/tmp")
             for fd in (req_r, rep_w):
                 os.close(fd)
                 to_close.remove(fd)
@@ -336,8 +348,9 @@ def run_program(code: str, entry_kwargs: dict, limits: RunLimits = RunLimits(), 
                 sandbox._kill(proc)
             for fd in to_close:
                 os.close(fd)
+        printed = _tail(out, OUTPUT_CHARS)
     if type(reply) is dict and set(reply) == {"r"}:
-        return reply["r"]
+        return reply["r"], printed
     x = reply.get("x") if type(reply) is dict else None
     if type(x) is list and len(x) == 2 and all(type(s) is str for s in x):
         raise ProgramFailed(f"{x[0]}: {x[1][:300]}")
@@ -347,19 +360,35 @@ def run_program(code: str, entry_kwargs: dict, limits: RunLimits = RunLimits(), 
 # ============================================================================================
 # Envs
 # ============================================================================================
-def encode_state(code: str, construction: Any) -> str:
-    return json.dumps({"code": code, "construction": construction}, separators=(",", ":"))
+def encode_state(code: str, construction: Any, output: str = "") -> str:
+    d = {"code": code, "construction": construction, **({"output": output} if output else {})}
+    return json.dumps(d, separators=(",", ":"))
 
 
-def decode_state(state: str) -> tuple[str, Any]:
-    """(code, construction) of a state; Invalid if it is not one of ours."""
+def _state_dict(state: str) -> dict:
     try:
         d = json.loads(state)
     except (ValueError, RecursionError):
         raise Invalid("the state is not JSON") from None
-    if type(d) is not dict or set(d) != {"code", "construction"} or type(d["code"]) is not str:
-        raise Invalid("the state must be {code, construction}")
+    keys = set(d) if type(d) is dict else set()
+    if (not {"code", "construction"} <= keys <= {"code", "construction", "output"}
+            or type(d["code"]) is not str or type(d.get("output", "")) is not str):
+        raise Invalid("the state must be {code, construction[, output]}")
+    return d
+
+
+def decode_state(state: str) -> tuple[str, Any]:
+    """(code, construction) of a state; Invalid if it is not one of ours."""
+    d = _state_dict(state)
     return d["code"], d["construction"]
+
+
+def state_output(state: str) -> str:
+    """The tail of what the state's program printed ("" if none)."""
+    try:
+        return _state_dict(state).get("output", "") if state else ""
+    except Invalid:
+        return ""
 
 
 def truncate_lines(code: str, max_lines: int) -> str:
@@ -454,13 +483,13 @@ class ProgramEnv(DiscoveryEnv):
             return ""
         try:
             start = decode_state(start_state)[1] if start_state else None
-            result = run_program(self.program(code, start), self.entry_kwargs(), self.limits,
-                                 unsafe_local_exec=self.unsafe_local_exec)
+            result, printed = run_program(self.program(code, start), self.entry_kwargs(),
+                                          self.limits, unsafe_local_exec=self.unsafe_local_exec)
             construction = self.construction_from_result(result)
         except (ProgramFailed, Invalid) as e:
             log.debug("%s: invalid program: %s", type(self).__name__, e)
             return ""
-        return encode_state(code, construction)
+        return encode_state(code, construction, printed.strip())
 
     def program(self, code: str, start: Any) -> str:
         """Prelude (imports, checkers, the start construction) + `code` + the call wrapper."""
@@ -501,8 +530,12 @@ class ProgramEnv(DiscoveryEnv):
         parts = [self.describe(), *self.value_lines(state, archive)]
         if code.strip():
             parts += ["Here is the last code we ran:",
-                      f"```python\n{truncate_lines(code, self.max_code_lines)}\n```",
-                      "Improve on it; a different idea is welcome. Answer with the whole new program."]
+                      f"```python\n{truncate_lines(code, self.max_code_lines)}\n```"]
+            printed = state_output(state)
+            if printed:
+                parts.append(f"--- Its printed output (the end) ---\n{printed}\n--- End of output ---")
+            parts.append("Improve on it; a different idea is welcome. "
+                         "Answer with the whole new program.")
         else:
             parts.append("Write the program.")
         parts.append("```python\n")
@@ -555,7 +588,7 @@ class CirclePackingEnv(ProgramEnv):
                 "overlapping (tolerance 1e-12); validate_packing(centers, radii) is predefined "
                 "and checks this. An invalid packing scores 0.\n"
                 "You may use numpy (np), scipy and math; no files or network; helpers at top "
-                "level.")
+                "level; the end of what it prints is shown back to you next time.")
 
 
 # ---- Erdős minimum overlap ---------------------------------------------------------------------
@@ -633,7 +666,7 @@ class ErdosMinOverlapEnv(ProgramEnv):
                 "evaluate_erdos_solution(h_values, c5_bound, n_points), which returns the "
                 "bound or raises ValueError.\n"
                 "You may use numpy (np), scipy and math; no files or network; helpers at top "
-                "level. Lower C5 is better.")
+                "level; the end of what it prints is shown back to you next time. Lower C5 is better.")
 
 
 # ---- first autocorrelation inequality (AC1) -----------------------------------------------------
@@ -688,7 +721,8 @@ class AutocorrelationEnv(ProgramEnv):
         if not (isinstance(max_len, int) and 1 <= max_len <= 200_000):
             raise EnvError(f"autocorrelation: max_len must be in [1, 200000], got {max_len!r}")
         if not (isinstance(initial_length, int) and 1 <= initial_length <= max_len):
-            raise EnvError(f"autocorrelation: initial_length must be in [1, max_len], got {initial_length!r}")
+            raise EnvError("autocorrelation: initial_length must be in [1, max_len], "
+                           f"got {initial_length!r}")
         timeout_s = float(budget_s) + 4.0 if timeout_s is None else timeout_s
         super().__init__(budget_s=budget_s, timeout_s=timeout_s, memory_mb=memory_mb,
                          max_len=max_len, initial_length=initial_length,
@@ -721,7 +755,7 @@ class AutocorrelationEnv(ProgramEnv):
                 "Predefined: height_sequence_1 (the current construction, a numpy array) and "
                 "evaluate_sequence(sequence), which returns the bound (inf if invalid).\n"
                 "You may use numpy (np), scipy and math; no files or network; helpers at top "
-                "level. Lower is better.")
+                "level; the end of what it prints is shown back to you next time. Lower is better.")
 
 
 PROBLEMS: dict[str, type[DiscoveryEnv]] = {
