@@ -48,7 +48,7 @@ from jaxttt.discover.step import DiscoverTrainer
 from jaxttt.eval.report import encode_prompt
 from jaxttt.model import lora
 from jaxttt.sampling import generate
-from jaxttt.train.checkpoint import RunDirError, fresh_run_dir  # noqa: F401 (RunDirError: API)
+from jaxttt.runs import RunDirError, fresh_run_dir  # noqa: F401 (RunDirError: API)
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"

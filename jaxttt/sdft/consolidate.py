@@ -159,7 +159,7 @@ def consolidate(run_dirs: Sequence[str | Path], ckpt: str | Path, out_dir: str |
     `sdft_kwargs` go to `run_sdft` (tokenizer, mesh, replay_sources, progress).
     """
     from jaxttt.sdft.loop import run_sdft, write_json
-    from jaxttt.train.checkpoint import fresh_run_dir
+    from jaxttt.runs import fresh_run_dir
 
     out = fresh_run_dir(out_dir)
     data = out / DATASET_FILE
