@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    s.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template")
     s.set_defaults(func=_sample)
 
 
@@ -56,12 +58,15 @@ def _sample(args: argparse.Namespace) -> int:
     from jaxttt.sampling import generate
 
     model, tok, meta = load_run(args.run, step=args.step)
-    prompt = [tok.eos_id] + tok.encode(args.prompt)  # EOS = document start, as in packed data
+    if args.chat:  # an instruct model: the checkpoint's own template; print the answer only
+        prompt = tok.chat_ids([{"role": "user", "content": args.prompt}])
+    else:  # the document start the model was trained with (EOS here, BOS for most checkpoints)
+        prompt = tok.prompt_ids(args.prompt)
     out = generate(model, [prompt] * args.num_samples, jax.random.key(args.seed),
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
                    eos_id=tok.eos_id, pad_id=tok.pad_id)
     for i, ids in enumerate(out.completions()):
         print(f"--- sample {i + 1} (step {meta['step']}) ---")
-        print(tok.decode(prompt[1:] + ids))
+        print(tok.decode(ids if args.chat else prompt + ids))
     return 0
