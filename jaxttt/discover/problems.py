@@ -36,6 +36,7 @@ start state's construction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
@@ -230,6 +231,7 @@ class RunLimits:
     memory_mb: int = 1024  # address space of the candidate (numpy + scipy need a few hundred MB)
 
 
+@functools.lru_cache(maxsize=None)
 def package_roots(names: tuple[str, ...] = ALLOWED_PACKAGES) -> dict[str, str]:
     """Directory of each installed package in `names` (without importing it)."""
     roots = {}
@@ -421,6 +423,7 @@ def truncate_lines(code: str, max_lines: int) -> str:
     return "\n".join(lines[:half] + ["# ... (middle truncated) ..."] + lines[-half:])
 
 
+@functools.lru_cache(maxsize=1)
 def _verifier_source() -> str:
     """The shipped block of this file (see the marker comments), for the candidate side."""
     src = Path(__file__).read_text()
@@ -516,7 +519,7 @@ class ProgramEnv(DiscoveryEnv):
         """Prelude (imports, checkers, the start construction) + `code` + the call wrapper."""
         parts = [_import_prelude(package_roots()), _verifier_source(), self.helpers]
         if self.start_global is not None and start is not None:
-            parts.append(f"{self.start_global} = np.array({json.dumps(start)})\n")
+            parts.append(f"{self.start_global} = np.array({json.dumps(start)}, dtype=float)\n")
         parts += ["\n# ---- the program ----\n", code, _call_postlude(self.entry)]
         return "\n".join(parts)
 
