@@ -35,6 +35,7 @@ start state's construction.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import importlib.util
@@ -436,8 +437,8 @@ class ProgramEnv(DiscoveryEnv):
 
     Subclasses set `entry` (the function the program defines), `start_global` (the name that
     holds the start construction, or None) and `helpers` (candidate-side source built on the
-    shipped verifiers), and implement `construction_from_result`, `objective`, `reward_of`
-    and `describe`.
+    shipped verifiers), and implement `construction_from_result`, `objective` and `describe`
+    (and `reward_of`, `entry_kwargs`, `initial_state` where the default does not fit).
     """
 
     entry = "run"
@@ -445,6 +446,7 @@ class ProgramEnv(DiscoveryEnv):
     helpers = ""
     higher_is_better = True
     objective_name = "value"
+    value_format = ".6f"  # how prompts print the objective
     references: tuple[tuple[str, float], ...] = ()
 
     def __init__(self, *, timeout_s: float, memory_mb: int, max_code_lines: int,
@@ -466,13 +468,13 @@ class ProgramEnv(DiscoveryEnv):
         self.max_code_lines, self.unsafe_local_exec = max_code_lines, bool(unsafe_local_exec)
 
     # ---- per problem ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def construction_from_result(self, result: Any) -> Any:
         """The verified construction from the entry function's plain-data result."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def objective(self, construction: Any) -> float:
         """The problem's quantity (sum of radii, a bound) of a construction; Invalid if invalid."""
-        raise NotImplementedError
 
     def reward_of(self, objective: float) -> float:
         return objective
@@ -480,9 +482,9 @@ class ProgramEnv(DiscoveryEnv):
     def entry_kwargs(self) -> dict:
         return {}
 
+    @abc.abstractmethod
     def describe(self) -> str:
         """The problem statement and rules (the start of every prompt)."""
-        raise NotImplementedError
 
     # ---- the DiscoveryEnv interface ------------------------------------------------------------
     def problem_description(self) -> str:
@@ -541,16 +543,20 @@ class ProgramEnv(DiscoveryEnv):
                 pass
         if value is not None and parent_value is not None:
             lines.append(f"The {self.objective_name} before and after the code below ({better} is "
-                         f"better): {parent_value:.6f} -> {value:.6f}")
+                         f"better): {parent_value:{self.value_format}} -> {value:{self.value_format}}")
         elif value is not None:
-            lines.append(f"Current {self.objective_name} ({better} is better): {value:.6f}")
+            lines.append(f"Current {self.objective_name} ({better} is better): "
+                         f"{value:{self.value_format}}")
         refs = ", ".join(f"{who} {v}" for who, v in self.references)
         if refs:
             lines.append(f"For reference: {refs}.")
         return lines
 
     def context_from_archive(self, state: str, archive: Archive | None) -> str:
-        code = decode_state(state)[0] if state else ""
+        try:
+            code = decode_state(state)[0] if state else ""
+        except Invalid:
+            code = ""
         parts = [self.describe(), *self.value_lines(state, archive)]
         if code.strip():
             parts += ["Here is the last code we ran:",
@@ -708,7 +714,7 @@ _AC_INITIAL_PROGRAM = '''import time
 import numpy as np
 
 
-def propose_candidate(seed=42, budget_s=20, **kwargs):
+def propose_candidate(seed=42, budget_s=4, **kwargs):
     """Local search from the current heights: raise or lower one height at a time and keep
     the change when the bound drops."""
     rng = np.random.default_rng(seed)
@@ -735,6 +741,7 @@ class AutocorrelationEnv(ProgramEnv):
     helpers = _AC_HELPERS
     higher_is_better = False
     objective_name = "upper bound"
+    value_format = ".10f"  # as the official prompts: improvements are in the 5th decimal
     references = (("best human", 1.50973), ("AlphaEvolve", 1.50314), ("TTT-Discover", 1.50287))
 
     def __init__(self, *, budget_s: float = 4.0, timeout_s: float | None = None,
