@@ -125,6 +125,32 @@ def test_end_mask_substring_masks_through_first_match(tok):
     assert len(cut) == 16 and cut[-1] == tok.eos_id
 
 
+def test_lora_dropout_key_comes_with_the_batch():
+    """The trainer carries no RNG state: each step's batch brings the dropout key."""
+    from jaxttt.model import lora
+    from jaxttt.seal.engine import _loss_fn
+
+    model = Transformer(MODEL, rngs=nnx.Rngs(0))
+    lora.add_lora(model, C.LoRAConfig(rank=4, alpha=8.0, dropout=0.5, targets=("q", "v")))
+    for _, m in nnx.iter_modules(model):
+        if getattr(m, "lora_b", None) is not None:  # non-zero B: the adapters matter
+            m.lora_b[...] = jax.random.normal(jax.random.key(1), m.lora_b.shape)
+    batch = prompts.pack_rows([([5, 6, 7, 8, 9, 10], 0)] * 2, 8, pad_id=0)
+
+    @jax.jit
+    def pure_loss(graphdef, state, b):  # as inside the trainer: a merged copy, traced
+        return _loss_fn(nnx.merge(graphdef, state), b)[0]
+
+    def loss(key_row):
+        b = {**batch, "dropout_key": np.array([key_row] * 2, np.uint32)}
+        return float(pure_loss(*nnx.split(model), b))
+
+    model.train()
+    assert loss([1, 2]) == loss([1, 2]) != loss([3, 4])
+    model.eval()  # answering: no dropout, whatever the key
+    assert loss([1, 2]) == loss([3, 4])
+
+
 # ---- a live server ---------------------------------------------------------------------------
 def _sharp_model() -> Transformer:
     """Random init with attention values/outputs scaled up, so that greedy answers depend on

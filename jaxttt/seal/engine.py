@@ -197,16 +197,30 @@ class TTTEngine:
             order = rng.permutation(len(rows))
             for s in range(0, len(order), per_step):
                 picked = [rows[i] for i in order[s:s + per_step]]
-                yield prompts.pack_rows(picked + [empty] * (n_rows - len(picked)), width,
-                                        self.pad_id)
+                batch = prompts.pack_rows(picked + [empty] * (n_rows - len(picked)), width,
+                                          self.pad_id)
+                if req.lora_dropout > 0:  # one key per row; a micro-batch uses its first
+                    batch["dropout_key"] = rng.integers(0, 2**32, (n_rows, 2), np.uint32)
+                yield batch
 
 
 def _loss_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
     """Summed next-token NLL over the trained labels (the trainer divides by `n_tokens` of the
     whole step, so accumulation weighs every label equally, as transformers does)."""
+    if "dropout_key" in batch:
+        _seed_dropout(model, batch["dropout_key"][0])
     logp_BT = token_logprobs(model(batch["tokens"]), batch["targets"])
     mask_BT = batch["mask"]
     return -jnp.sum(logp_BT * mask_BT), {"n_tokens": jnp.sum(mask_BT)}
+
+
+def _seed_dropout(model: nnx.Module, key_data: jax.Array) -> None:
+    """Give every Dropout of the (traced) model a stream from this micro-batch's key: the
+    trainer carries no RNG state between updates, so the batch brings a fresh key each step."""
+    key = jax.random.wrap_key_data(key_data)
+    for i, (_, m) in enumerate(nnx.iter_modules(model)):
+        if isinstance(m, nnx.Dropout) and m.rngs is not None:
+            m.rngs = nnx.Rngs(dropout=jax.random.fold_in(key, i))["dropout"]
 
 
 def _token_mean(metrics: list[dict]) -> float:
