@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jaxttt.discover.env import DiscoveryEnv, EnvError
-from jaxttt.discover.envs import extract_code
+from jaxttt.eval.humaneval import extract_code
 from jaxttt.eval import sandbox, wire
 
 if TYPE_CHECKING:
