@@ -39,7 +39,6 @@ import abc
 import dataclasses
 import functools
 import importlib.util
-import inspect
 import json
 import logging
 import math
