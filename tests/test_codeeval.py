@@ -139,3 +139,52 @@ def test_completion_extraction_for_base_and_chat_outputs():
     assert program.startswith(task.prompt) and program.rstrip().endswith("else None")
     r = sandbox.evaluate(program, **task.tests())
     assert r.all_passed
+
+
+class _ByteTokenizer:
+    """Bytes as ids (0 = pad, 1 = eos, byte b = b + 2): the tokenizer interface the sampler path
+    uses, so the test needs no trained tokenizer; `chat` adds a chat template."""
+
+    pad_id, eos_id = 0, 1
+
+    def __init__(self, chat: bool):
+        self.chat_template = "{{ messages }}" if chat else None
+        self.chats = []
+
+    def prompt_ids(self, text):
+        return [b + 2 for b in text.encode()]
+
+    def chat_ids(self, messages):
+        self.chats.append(messages)
+        return self.prompt_ids("<user>" + messages[0]["content"] + "<assistant>")
+
+    def decode(self, ids):
+        return bytes(int(i) - 2 for i in ids if int(i) >= 2).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_generation_from_a_checkpoint(tmp_path, capsys, monkeypatch, chat):
+    """--ckpt: batched sampling from a tiny untrained model (prompts longer than its context are
+    cut from the left), then the same evaluation path; the chat template when the tokenizer has one."""
+    from flax import nnx
+
+    from jaxttt import config as C
+    from jaxttt import runs
+    from jaxttt.model.transformer import Transformer
+
+    cfg = C.load(C.ModelConfig, "model/tiny.yaml", ["n_layers=1", "vocab_size=258", "max_seq_len=64"])
+    tok = _ByteTokenizer(chat)
+    monkeypatch.setattr(runs, "load_run", lambda spec: (Transformer(cfg, rngs=nnx.Rngs(0)), tok, {"step": 3}))
+    rc, out, err = _run_cli(capsys, "--bench", "humaneval", "--ckpt", "RUN", "--n", "2",
+                            "--temperature", "0.8", "--k", "1", "2", "--tasks", "HumanEval/0,HumanEval/12",
+                            "--max-new-tokens", "16", "--batch-size", "3", "--out", str(tmp_path / "out"))
+    assert rc == 0, err
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["n_tasks"] == 2 and last["n_samples"] == 4 and 0.0 <= last["pass@1"] <= last["pass@2"] <= 1.0
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert sorted(s["task_id"] for s in samples) == ["HumanEval/0"] * 2 + ["HumanEval/12"] * 2
+    assert all(len(s["raw"]) <= 16 for s in samples)
+    gen = json.loads((tmp_path / "out" / "summary.json").read_text())["generation"]
+    assert gen["n"] == 2 and gen["chat"] is chat and gen["step"] == 3 and gen["prompts_truncated"] >= 1
+    assert len(tok.chats) == (2 if chat else 0)
+    assert not chat or "def has_close_elements" in tok.chats[0][0]["content"]

@@ -143,8 +143,14 @@ def generate_completions(tasks: dict[str, CodeTask], ckpt: str, *, n: int, tempe
 
     model, tok, meta = load_run(ckpt)
     use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+    room = model.cfg.max_seq_len - max_new_tokens  # prompt tokens that fit
+    if room < 8:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                        f"model's max_seq_len={model.cfg.max_seq_len}")
     jobs = [(tid, j) for tid in tasks for j in range(n)]
     prompts = {tid: _prompt_ids(tok, t, use_chat) for tid, t in tasks.items()}
+    truncated = sum(len(p) > room for p in prompts.values())
+    prompts = {tid: p[-room:] for tid, p in prompts.items()}  # keep the end: where the body starts
     key = jax.random.key(seed)
     samples, bar = [], _progress(len(jobs), progress)
     t0 = time.monotonic()
@@ -162,5 +168,5 @@ def generate_completions(tasks: dict[str, CodeTask], ckpt: str, *, n: int, tempe
     bar.close()
     info = {"ckpt": str(ckpt), "chat": use_chat, "n": n, "temperature": temperature,
             "max_new_tokens": max_new_tokens, "generate_s": round(time.monotonic() - t0, 2),
-            "step": meta.get("step")}
+            "step": meta.get("step"), "prompts_truncated": truncated}
     return samples, info
