@@ -33,28 +33,28 @@ def register(subparsers) -> None:
 
 
 def time_train(model_cfg, *, batch: int, seq_len: int, steps: int, warmup: int = 2) -> float:
-    """Tokens/s of the compiled pretraining step on all local devices (random tokens)."""
+    """Tokens/s of the pretraining update (the trainer core `jaxttt pretrain` runs) on all
+    local devices, random tokens."""
     import jax
     import numpy as np
 
     from jaxttt import config as C
     from jaxttt import sharding
-    from jaxttt.train.step import make_train_step
+    from jaxttt.train.step import make_trainer
 
     mesh = sharding.make_mesh(C.MeshConfig())
-    trainer = make_train_step(model_cfg, C.OptimConfig(warmup_steps=0), mesh, total_steps=1000)
-    params, opt = trainer.init(0)
-    step = trainer.compile(batch, seq_len, verbose=False)
+    trainer = make_trainer(model_cfg, C.OptimConfig(warmup_steps=0), mesh, total_steps=1000)
     rng = np.random.default_rng(0)
-    xy = rng.integers(0, model_cfg.vocab_size, (2, batch, 1, seq_len), dtype=np.int32)
-    x, y = (jax.device_put(a, sharding.batch_sharding(mesh, 3)) for a in xy)
+    xy = rng.integers(0, model_cfg.vocab_size, (2, batch, seq_len), dtype=np.int32)
+    placed = {k: sharding.place_batch(a, mesh) for k, a in zip(("x", "y"), xy)}
+    trainer.compile(placed, verbose=False)
     for _ in range(warmup):
-        params, opt, m = step(params, opt, x, y)
+        m = trainer.step_async(placed)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
     for _ in range(steps):
-        params, opt, m = step(params, opt, x, y)
-    jax.block_until_ready((params, m))
+        m = trainer.step_async(placed)
+    jax.block_until_ready((trainer.params, m))
     return steps * batch * seq_len / (time.perf_counter() - t0)
 
 

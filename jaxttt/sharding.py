@@ -180,10 +180,6 @@ def place_batch(x: np.ndarray, mesh: Mesh, *, local: bool = False) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
 
-def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Assemble this process's rows into the global batch array on `mesh`."""
-    return place_batch(local, mesh, local=True)
-
 
 # --------------------------------------------------------------------------------------------
 # Multi-host
