@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "jaxttt.discover.set_commands",  # discover-set
     "jaxttt.sdft.commands",  # sdft, consolidate
     "jaxttt.seal.commands",  # serve-ttt, seal-query, seal-bench
+    "jaxttt.ponder.commands",  # ponder train, ponder eval
     "jaxttt.bench",  # bench
     "jaxttt.demo",  # demo
 )

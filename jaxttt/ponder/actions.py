@@ -4,7 +4,7 @@ Each action is its own jitted function (the inner-step count is static), so a SK
 program that contains no fast-weight update at all. `ChunkRunner.run` executes a batch of
 chunks with per-chunk actions by grouping the rows by action; `table` scores every chunk under
 every action (what the post-hoc oracle and the policies' training need); `flops` reads the
-compiled programs' own FLOP counts (XLA cost analysis) next to the seeds' nominal costs.
+programs' own FLOP counts (XLA's HLO cost analysis) next to the seeds' nominal costs.
 """
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ class ChunkRunner:
 
     def __init__(self, model: PonderModel):
         self.graphdef, self.state = nnx.split(model)
+        self.vocab = model.trunk.cfg.vocab_size
         self._nll = {s: jax.jit(functools.partial(_nll, self.graphdef, steps=s)) for s in STEPS}
         self._signal = jax.jit(functools.partial(_signal, self.graphdef))
         self._features = jax.jit(functools.partial(_features, self.graphdef))
@@ -129,13 +130,13 @@ class ChunkRunner:
         return np.concatenate([dev, token_features(x_CT, vocab, eos_id)], axis=-1)
 
     def flops(self, batch: int, seq_len: int) -> dict[str, float]:
-        """FLOPs per chunk of each compiled program, from XLA's cost analysis."""
+        """FLOPs per chunk of each action's program (XLA's HLO cost analysis of what it runs)."""
         spec = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
         out = {}
         for name, fn, args in ([(a, self._nll[s], (spec, spec)) for a, s in zip(ACTIONS, STEPS)]
                                + [("signal", self._signal, (spec,)),
                                   ("features", self._features, (spec,))]):
-            cost = fn.lower(self.state, *args).compile().cost_analysis()
+            cost = fn.lower(self.state, *args).cost_analysis()  # HLO cost analysis, no compile
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             out[name] = float(cost.get("flops", float("nan"))) / batch
         return out

@@ -158,12 +158,18 @@ class PPOPolicy:
     history: list  # per iteration: mean reward, mean cost, lambda, loss
 
 
+@functools.lru_cache(maxsize=None)
+def _optimizer(lr: float) -> optax.GradientTransformation:
+    """One object per lr, so the jitted update (static on it) compiles once per process."""
+    return optax.chain(optax.clip_by_global_norm(0.5), optax.adam(lr))
+
+
 def train_ppo(table: ChunkTable, cfg: PonderEvalConfig, *, seed: int, lag: int = 0) -> PPOPolicy:
     rng = np.random.default_rng(seed)
     L, E = cfg.episode_len, cfg.ppo_episodes
     n_actions = table.losses_CA.shape[1]
     net = init_net(jax.random.key(seed), N_FEATURES, cfg.ppo_hidden, n_actions)
-    tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(cfg.ppo_lr))
+    tx = _optimizer(cfg.ppo_lr)
     opt = tx.init(net)
     pid, lam, history = PID(cfg.kp, cfg.ki, cfg.kd), 0.0, []
     for _ in range(cfg.ppo_iters):

@@ -1,0 +1,91 @@
+"""`jaxttt ponder train` and `jaxttt ponder eval`: thin argparse wrappers over jaxttt.ponder."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ponder", help="PonderTTT: chunk-level fast weights with a budget",
+                              description="TTT-Linear fast weights on a frozen trunk; per chunk "
+                                          "SKIP / UPDATE_1 / UPDATE_2 / UPDATE_4 under a budget.")
+    sub = p.add_subparsers(dest="ponder_command", required=True, metavar="SUBCOMMAND")
+
+    t = sub.add_parser("train", help="outer loop: train the TTT layer on a frozen trunk",
+                       description="Train (or resume: same --out) the fast-weight layer; only "
+                                   "its parameters learn.")
+    t.add_argument("--ckpt", required=True, help="trunk: a pretraining run (or checkpoint) dir")
+    t.add_argument("--out", required=True, help="run directory (resumed if it has checkpoints)")
+    t.add_argument("--config", default=None, help="YAML, e.g. configs/ponder/tiny.yaml")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. steps=100 ttt.mini_batch=8")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="method table over seeds: results.json + Pareto plot",
+                       description="Score SKIP, UPDATE_1/2/4, random, oracle, gated and PPO "
+                                   "policies on held-out chunks; one seed per --run.")
+    e.add_argument("--run", required=True, action="append",
+                   help="a `ponder train` run dir; repeat for more seeds")
+    e.add_argument("--out", required=True, help="new output directory")
+    e.add_argument("--budget", type=float, default=None,
+                   help="mean nominal cost per chunk (SKIP=1, UPDATE_1=3, UPDATE_2=5, UPDATE_4=12)")
+    e.add_argument("--seeds", type=int, default=None,
+                   help="with one --run: seeds on disjoint held-out blocks (default 1)")
+    e.add_argument("--config", default=None, help="YAML of eval settings (configs/ponder/eval.yaml)")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. chunks=128 ppo_iters=50")
+    e.set_defaults(func=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxttt import config as C
+    from jaxttt.ponder.config import PonderTrainConfig
+    from jaxttt.ponder.train import train
+
+    cfg = C.load(PonderTrainConfig, args.config, [*args.overrides, f"base={args.ckpt}"])
+    run_dir = train(cfg, args.out)
+    print(f"run directory: {run_dir}", flush=True)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from jaxttt import config as C
+    from jaxttt.errors import UserError
+    from jaxttt.ponder import evaluate as E
+    from jaxttt.ponder.actions import ChunkRunner
+    from jaxttt.ponder.config import PonderEvalConfig
+    from jaxttt.ponder.train import load_ponder
+    from jaxttt.runs import fresh_run_dir
+
+    overrides = list(args.overrides) + ([f"budget={args.budget}"] if args.budget is not None else [])
+    ecfg = C.load(PonderEvalConfig, args.config, overrides)
+    if args.seeds is not None and (args.seeds < 1 or len(args.run) > 1):
+        raise UserError("--seeds: a positive count, and only with a single --run "
+                        "(with several runs each run is one seed)")
+    out = fresh_run_dir(args.out)
+    plan = ([(r, i, 0) for i, r in enumerate(args.run)] if len(args.run) > 1
+            else [(args.run[0], i, i) for i in range(args.seeds or 1)])
+    seeds, dims, models = [], None, {}
+    for run, seed, block in plan:
+        if run not in models:  # one set of compiled programs per run
+            model, tok, tcfg, _ = load_ponder(run)
+            models[run] = (ChunkRunner(model), tok, tcfg)
+            dims = dict(d_model=model.trunk.cfg.d_model, n_heads=model.ttt.n_heads,
+                        d_head=model.ttt.d_head, mini_batch=model.ttt.mini_batch)
+        runner, tok, tcfg = models[run]
+        seeds.append(E.evaluate_seed(runner, tok, tcfg, ecfg, seed=seed, block=block))
+    summary = E.summarise(seeds, ecfg, ttt_dims=dims)
+    E.pareto_plot(summary, out / "pareto.png")
+    path = E.write_results(summary, out, {"runs": [str(r) for r, _, _ in plan],
+                                          "eval_config": C.to_dict(ecfg),
+                                          "chunk_len": tcfg.chunk_len})
+    _print_table(summary)
+    print(f"results: {path}", flush=True)
+    return 0
+
+
+def _print_table(summary: dict) -> None:
+    print(f"{'method':12s} {'loss':>8s} {'95% CI':>17s} {'ppl':>8s} {'rate':>6s} {'cost':>6s} "
+          f"{'MFLOP/chunk':>12s} {'recovery':>9s}")
+    for m, r in summary["methods"].items():
+        lo, hi = r["loss_ci95"]
+        print(f"{m:12s} {r['loss']:8.4f} [{lo:7.4f},{hi:7.4f}] {r['ppl']:8.2f} "
+              f"{r['update_rate']:6.2f} {r['cost']:6.2f} {r['flops_per_chunk'] / 1e6:12.2f} "
+              f"{r['recovery']:9.3f}")
