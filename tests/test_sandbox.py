@@ -134,10 +134,11 @@ def test_script_mode_and_what_the_confined_process_sees(no_leftovers):
         "      refused(lambda: os.listdir('/proc')), refused(lambda: os.execv('/bin/true', ['true'])))\n"
         "import importlib.util, sysconfig\n"  # site-packages are not readable: installed packages stay out
         "print(refused(lambda: os.listdir(sysconfig.get_paths()['purelib'])), importlib.util.find_spec('pytest'))\n"
+        "print([fd for fd in range(3, 1024) if not refused(lambda: os.fstat(fd))])\n"  # nothing inherited
         "open('/tmp/x', 'w').write('ok')\nprint(open('/tmp/x').read())\n")
     r = run_python(probe)
     assert r.ok, r.stderr
-    assert r.stdout.splitlines() == ["/tmp /tmp []", "True True True True True", "True None", "ok"]
+    assert r.stdout.splitlines() == ["/tmp /tmp []", "True True True True True", "True None", "[]", "ok"]
 
 
 # ---- plain data across the boundary -----------------------------------------------------------

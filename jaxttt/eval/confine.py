@@ -16,8 +16,8 @@ either returns in the confined process or raises `ConfineError`. Steps, in order
    no core), close every fd but the channel, drop all capabilities, no_new_privs, then
    Landlock (read-only: the standard library without site-packages, libpython and the system's
    shared-library directories; read-write:
-   /tmp; a few /dev files; no execute anywhere; no TCP bind/connect; no signals or abstract
-   unix sockets outside the domain), then a seccomp filter (libseccomp2 through ctypes)
+   /tmp; a few /dev files; no execute anywhere; from ABI 4 no TCP bind/connect, from ABI 6 no
+   signals or abstract unix sockets outside the domain), then a seccomp filter (libseccomp2 through ctypes)
    that refuses sockets, exec, fork (threads are allowed, bounded by RLIMIT_NPROC), ptrace and
    process_vm_*, scheduling/priority/affinity calls, mounts and namespaces, keyrings, bpf,
    perf, io_uring, device nodes, file-flag ioctls (chattr), terminal injection, module and
@@ -51,7 +51,8 @@ FS_MAKE_REG, FS_MAKE_SOCK, FS_MAKE_FIFO, FS_MAKE_BLOCK, FS_MAKE_SYM = 256, 512, 
 FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15  # ABI 2, 3, 5
 NET_BIND_TCP, NET_CONNECT_TCP = 1, 2  # ABI 4
 SCOPE_ABSTRACT_UNIX, SCOPE_SIGNAL = 1, 2  # ABI 6
-MIN_LANDLOCK_ABI = 6  # network and signal scoping are part of the promise: refuse older kernels
+MIN_LANDLOCK_ABI = 1  # the filesystem rules; TCP (ABI 4) and signal scoping (ABI 6) when the
+# kernel has them (the network and pid namespaces and seccomp cover both without them)
 
 READ_ONLY = FS_READ_FILE | FS_READ_DIR
 READ_WRITE = (FS_WRITE_FILE | FS_READ_FILE | FS_READ_DIR | FS_REMOVE_DIR | FS_REMOVE_FILE
@@ -204,11 +205,13 @@ def _fs_rights(abi: int) -> int:
 def apply_landlock(read_paths: list, write_paths: list) -> None:
     abi = landlock_abi()
     if abi < MIN_LANDLOCK_ABI:
-        raise ConfineError(f"Landlock ABI {abi} (need >= {MIN_LANDLOCK_ABI}: filesystem, network and "
-                           "signal scoping)")
+        raise ConfineError("Landlock is not available in this kernel (needed to confine the filesystem)")
     handled = _fs_rights(abi)
-    attr = (ctypes.c_uint64 * 3)(handled, NET_BIND_TCP | NET_CONNECT_TCP, SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL)
-    ruleset = _check(_syscall(SYS_LANDLOCK_CREATE, attr, ctypes.c_size_t(24), ctypes.c_uint32(0)),
+    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL if abi >= 6 else 0
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8  # struct landlock_ruleset_attr grew with the ABI
+    attr = (ctypes.c_uint64 * 3)(handled, net, scoped)
+    ruleset = _check(_syscall(SYS_LANDLOCK_CREATE, attr, ctypes.c_size_t(size), ctypes.c_uint32(0)),
                      "landlock_create_ruleset")
     try:
         rules = [(p, READ_ONLY) for p in read_paths] + [(p, READ_WRITE) for p in write_paths]
