@@ -231,6 +231,21 @@ class PretrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What `jaxttt eval` and every SDFT gate measure: held-out perplexity + capability probes."""
+    heldout: str = ""  # packed .bin; empty = the default corpus's val split, run's tokenizer
+    probes: str = "probes/default.yaml"  # YAML list of capability probes; empty = none
+    seq_len: int = 128  # T: tokens per held-out window
+    windows: int = 32  # held-out windows scored (the same ones at every evaluation)
+    batch_size: int = 8  # B: held-out windows per forward pass
+    max_new_tokens: int = 24  # greedy tokens generated per capability probe
+
+    def validate(self, prefix: str = "eval") -> None:
+        for key in ("seq_len", "windows", "batch_size", "max_new_tokens"):
+            _check(getattr(self, key) >= 1, f"{prefix}.{key}", "a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
 class GateConfig:
     max_ppl_increase: float = 0.05  # relative; perplexity may rise at most 5%
     max_probe_drop: float = 0.0  # absolute drop in probe score allowed
@@ -240,9 +255,9 @@ class GateConfig:
 
     def validate(self, prefix: str = "gate") -> None:
         _check(self.reference in ("block", "session"), f"{prefix}.reference", "block|session")
-        for key in ("max_ppl_increase", "max_probe_drop"):
-            v = getattr(self, key)
-            _check(math.isfinite(v) and v >= 0, f"{prefix}.{key}", "a finite number >= 0")
+        _check(math.isfinite(self.max_ppl_increase) and self.max_ppl_increase >= -1,
+               f"{prefix}.max_ppl_increase", "a finite number >= -1 (a relative change)")
+        _check(math.isfinite(self.max_probe_drop), f"{prefix}.max_probe_drop", "a finite number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,13 +265,13 @@ class SDFTConfig:
     mesh: MeshConfig = MeshConfig()  # device mesh
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=256)  # student on-policy samples
     lora: LoRAConfig | None = None  # None = full-parameter student
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999  # teacher τ
+    optim: OptimConfig = OptimConfig(lr=1e-5, b2=0.999, weight_decay=0.0, warmup_steps=0,
+                                     schedule="constant")  # handoff E4: AdamW 1e-5, clip 1
+    ema_decay: float = 0.999  # teacher τ, applied once per optimiser step
     kl_coef: float = 1.0  # weight of the distillation KL in the loss
     kl_direction: str = "reverse"  # reverse = KL(student||teacher) | forward = KL(teacher||student)
     kl_chunk: int = 64  # tokens per chunk of the full-vocabulary KL
+    skip_loss_tokens: int = 0  # the first N generated tokens of each row carry no loss (paper code: 3)
     batch_size: int = 4  # B: examples per update (new + replayed)
     grad_accum: int = 1  # micro-batches per update
     steps_per_block: int = 20  # SDFT updates between evaluation gates
@@ -265,26 +280,23 @@ class SDFTConfig:
     replay_size: int = 50_000  # replay buffer capacity (examples)
     max_prompt_len: int = 256  # prompts are left-truncated to this many tokens
     gate: GateConfig = GateConfig()  # when a block is accepted (else reverted exactly)
-    probes: str = ""  # YAML list of capability probes; empty = none
+    eval: EvalConfig = EvalConfig(probes="")  # what the gates compare before/after each block
     seed: int = 0  # the run's one seed: data order, replay, sampling, adapters
     objective: str = "sdft"  # sdft (on-policy self-distillation) | sft (cross-entropy on demos: baseline)
-    heldout: str = ""  # packed .bin for the perplexity gate; empty = default corpus val, run's tokenizer
-    eval_seq_len: int = 128  # tokens per held-out window
-    eval_windows: int = 32  # held-out windows scored (the same ones at every evaluation)
-    eval_batch_size: int = 8  # held-out windows per forward pass
-    probe_max_new_tokens: int = 24  # greedy tokens generated per capability probe
     keep: int = 3  # accepted checkpoints kept (orbax)
 
     def validate(self) -> None:
         _check(self.objective in ("sdft", "sft"), "objective", "sdft|sft")
+        self.optim.validate()
+        _check(self.skip_loss_tokens >= 0, "skip_loss_tokens", "an integer >= 0")
         self.gate.validate()
+        self.eval.validate()
         self.mesh.validate()
         self.sampling.validate()
         _check(math.isfinite(self.kl_coef) and self.kl_coef >= 0, "kl_coef", "a finite number >= 0")
         _check(self.kl_direction in ("reverse", "forward"), "kl_direction", "reverse|forward")
         for key in ("batch_size", "grad_accum", "steps_per_block", "blocks", "replay_size",
-                    "kl_chunk", "max_prompt_len", "eval_seq_len", "eval_windows",
-                    "eval_batch_size", "probe_max_new_tokens", "keep"):
+                    "kl_chunk", "max_prompt_len", "keep"):
             _check(getattr(self, key) >= 1, key, "a positive integer")
         _check(0.0 <= self.ema_decay <= 1.0, "ema_decay", "a value in [0, 1]")
         _check(0.0 <= self.replay_ratio <= 1.0, "replay_ratio", "a value in [0, 1]")
@@ -301,12 +313,18 @@ class DiscoverConfig:
     env_options: dict = dataclasses.field(default_factory=dict)  # env constructor keywords
     steps: int = 50  # ttt_steps
     rollouts: int = 64  # rollouts per step
-    lr: float = 4e-5
+    optim: OptimConfig = OptimConfig(lr=4e-5, b2=0.999, weight_decay=0.0, warmup_steps=0,
+                                     schedule="constant")  # AdamW on the adapters
     adaptive_beta: bool = True  # solve beta per group so KL(q_beta || uniform) = gamma
     beta: float = 1.0  # used when adaptive_beta is off
     gamma: float = math.log(2.0)  # target KL(q_beta || uniform)
     beta_max: float = 1e6  # upper end of the beta search (bracket doubling from 1)
     kl_lambda: float = 0.1  # KL-to-θ0 shaping weight on the advantages (0 = off)
+    kl_shaping: str = "sequence"  # sequence (A − λ·log-ratio of the whole action) | per_token_centered
+    #                               (official code: each token's A − λ·(its log-ratio − batch mean))
+    rollout_policy: str = "untruncated"  # untruncated: TTT rollouts at temperature 1, top_p 1, top_k 0
+    #   (the policy the REINFORCE gradient is of) | truncated: sampling.* as set (biased if top_p
+    #   < 1) | importance: sampling.* as set, each action weighted by min(1, π_θ/q) (truncated IS)
     puct_c: float = 2.0  # PUCT exploration constant c
     puct_variant: str = "handoff"  # handoff (handoff A.2 score) | official (TTT-Discover code)
     reuse: bool = True  # start from archive states chosen by PUCT (false: always the seed)
@@ -316,8 +334,6 @@ class DiscoverConfig:
     save_every: int = 10  # steps between adapter snapshots; 0 = only at the end
     hot_swap_eval: bool = False  # benchmark the adapter after every update
     seed: int = 0  # the run's one seed: sampling, adapters, baseline
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on the adapters
-    grad_clip: float = 1.0  # global-norm clip of the adapter gradient; <= 0 = off
     drop_equal_groups: bool = True  # a group whose rewards are all equal gives no gradient at all
     baseline: bool = True  # same-budget best-of-N from θ0 (steps × rollouts samples) beside TTT
     reward_workers: int = 4  # rewards evaluated concurrently (threads); envs must allow it
@@ -333,6 +349,11 @@ class DiscoverConfig:
         _check(math.isfinite(self.kl_lambda) and self.kl_lambda >= 0, "kl_lambda",
                "a finite number >= 0")
         _check(math.isfinite(self.puct_c) and self.puct_c >= 0, "puct_c", "a finite number >= 0")
+        self.optim.validate()
+        _check(self.kl_shaping in ("sequence", "per_token_centered"), "kl_shaping",
+               f"sequence|per_token_centered, got {self.kl_shaping!r}")
+        _check(self.rollout_policy in ("untruncated", "truncated", "importance"), "rollout_policy",
+               f"untruncated|truncated|importance, got {self.rollout_policy!r}")
         _check(self.puct_variant in ("handoff", "official"), "puct_variant",
                f"handoff|official, got {self.puct_variant!r}")
         _check(self.archive_size >= 1, "archive_size", "a positive integer")

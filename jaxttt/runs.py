@@ -203,7 +203,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    return rows
+    return rows  # any JSON value per line (readers of foreign logs check the shape)
 
 
 def repair_jsonl(path: str | Path) -> bool:
@@ -229,9 +229,24 @@ def rewind_jsonl(path: str | Path, last_step: int) -> None:
     if not path.is_file():
         return
     repair_jsonl(path)
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", -1) <= last_step]
+    keep = [line for line, row in _parsed(path) if row.get("step", -1) <= last_step]
     _atomic_write(path, "".join(line + "\n" for line in keep))
+
+
+def _parsed(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every non-blank line; a bad one is a UserError naming FILE:LINE."""
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        out.append((line, row))
+    return out
 
 
 def _atomic_write(path: Path, text: str) -> None:

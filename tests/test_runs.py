@@ -87,6 +87,8 @@ def test_bad_middle_line_names_file_and_line(tmp_path):
     p.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
     with pytest.raises(UserError, match=rf"{p}:2: not valid JSON"):
         runs.read_jsonl(p)
+    with pytest.raises(UserError, match=rf"{p}:2: not valid JSON"):  # on resume too
+        runs.JsonlWriter(p, resume_step=1)
     complete = tmp_path / "c.jsonl"
     complete.write_text('{"a": 1}\n{"a": 2}')  # last record complete, newline missing: kept
     assert runs.read_jsonl(complete) == [{"a": 1}, {"a": 2}]

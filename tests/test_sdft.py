@@ -28,7 +28,7 @@ MODEL = C.ModelConfig(vocab_size=512, n_layers=1, d_model=64, n_heads=2, d_head=
 
 def _cfg(*overrides, heldout="") -> C.SDFTConfig:
     base = ["lr=1e-3", "ema_decay=0.9", "blocks=2", "steps_per_block=2"]
-    held = [f"heldout={heldout}"] if heldout else []
+    held = [f"eval.heldout={heldout}"] if heldout else []
     return C.load(C.SDFTConfig, "sdft/tiny.yaml", base + held + list(overrides))
 
 
@@ -325,7 +325,7 @@ def test_cli_errors_name_the_bad_line_and_refuse_to_overwrite(base_run, tmp_path
 def test_session_reference_bounds_drift_accumulated_over_blocks(base_run, tmp_path, monkeypatch,
                                                                 reference, gates):
     ppl = iter([10.0, 10.4, 10.8])  # +4% then +3.8% per block: +8% over the session
-    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {"perplexity": next(ppl)})
+    monkeypatch.setattr(loop, "evaluate_config", lambda *a, **k: {"perplexity": next(ppl)})
     write_jsonl(tmp_path / "d.jsonl", EXAMPLES)
     cfg = _cfg("steps_per_block=1", f"gate.reference={reference}")
     s = loop.run_sdft(base_run, tmp_path / "d.jsonl", tmp_path / "out", cfg, progress=False)

@@ -12,6 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from jaxttt.config import EvalConfig
+
+_EVAL = EvalConfig()
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a run: perplexity, probes, run history")
@@ -20,13 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="model run to evaluate (default: --run itself, e.g. the base of a discover run)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: the run's)")
-    p.add_argument("--heldout", default=None,
+    p.add_argument("--heldout", default=_EVAL.heldout,
                    help="packed .bin (default: the default corpus's val split, run's tokenizer)")
-    p.add_argument("--probes", default="probes/default.yaml", help="probe YAML ('' = none)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--windows", type=int, default=32, help="held-out windows scored")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per probe")
+    p.add_argument("--probes", default=_EVAL.probes, help="probe YAML ('' = none)")
+    p.add_argument("--seq-len", type=int, default=_EVAL.seq_len)
+    p.add_argument("--windows", type=int, default=_EVAL.windows, help="held-out windows scored")
+    p.add_argument("--batch-size", type=int, default=_EVAL.batch_size)
+    p.add_argument("--max-new-tokens", type=int, default=_EVAL.max_new_tokens,
+                   help="greedy tokens per probe")
     p.add_argument("--out", default=None, help="write the JSON report here (default: stdout)")
     p.set_defaults(func=_eval)
 
@@ -102,9 +107,16 @@ def _model_source(args) -> str | None:
 
 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxttt import config as C
     from jaxttt.errors import UserError
-    from jaxttt.eval.report import evaluate
+    from jaxttt.eval.report import evaluate_config
     from jaxttt.runs import load_run
+
+    flags = {"heldout": args.heldout, "probes": args.probes, "seq_len": args.seq_len,
+             "windows": args.windows, "batch_size": args.batch_size,
+             "max_new_tokens": args.max_new_tokens}
+    cfg = C.load(C.EvalConfig, None, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                                     for k, v in flags.items()])
 
     if not Path(args.run).is_dir():
         raise UserError(f"{args.run}: no such run directory")
@@ -121,9 +133,7 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     model, tok, meta = load_run(src, step=args.step, tokenizer=args.tokenizer)
     report["model"] = {"ckpt": str(Path(src).absolute()), "step": meta.get("step"),
                        "kind": meta.get("kind", "pretrain")}
-    report["eval"] = evaluate(model, tok, heldout_bin=args.heldout, seq_len=args.seq_len,
-                              probes=args.probes or None, max_windows=args.windows,
-                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    report["eval"] = evaluate_config(model, tok, cfg)
     return report
 
 

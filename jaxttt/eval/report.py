@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
-from jaxttt.config import CONFIGS_DIR
+from jaxttt.config import CONFIGS_DIR, EvalConfig
 from jaxttt.data.tokenizer import Tokenizer
 from jaxttt.eval.gates import PPL_KEY
 from jaxttt.eval.perplexity import perplexity
@@ -100,6 +100,15 @@ def _batch_mesh(mesh, heldout: Path, seq_len: int, batch_size: int, max_windows:
         return None
     rows = min(batch_size, len(WindowSource(heldout, seq_len)), max_windows)
     return mesh if rows % batch_shards(mesh) == 0 else None
+
+
+def evaluate_config(model, tokenizer: Tokenizer, cfg: EvalConfig, *,
+                    probes: Sequence[Probe] | None = None, mesh=None) -> dict[str, Any]:
+    """`evaluate` with the settings of one EvalConfig (`probes`: already loaded ones)."""
+    return evaluate(model, tokenizer, heldout_bin=cfg.heldout or None, seq_len=cfg.seq_len,
+                    probes=cfg.probes or None if probes is None else probes,
+                    max_windows=cfg.windows, batch_size=cfg.batch_size,
+                    max_new_tokens=cfg.max_new_tokens, mesh=mesh)
 
 
 def evaluate(model, tokenizer: Tokenizer, *, heldout_bin: str | Path | None = None,

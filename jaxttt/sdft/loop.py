@@ -35,7 +35,7 @@ from tqdm import tqdm
 from jaxttt import config as C
 from jaxttt.data.tokenizer import Tokenizer
 from jaxttt.eval.gates import PPL_KEY, decide, write_decision
-from jaxttt.eval.report import evaluate, resolve_probes
+from jaxttt.eval.report import evaluate_config, resolve_probes
 from jaxttt.model.lora import add_lora
 from jaxttt.sdft.data import Example, load_jsonl
 from jaxttt.sdft.replay import ReplayBuffer
@@ -159,7 +159,7 @@ def _train_block(run: _Run, stream: ExampleStream, buf: ReplayBuffer, block: int
         t0 = time.perf_counter()
         m = run.trainer.step(examples, jax.random.fold_in(key, run.trainer.n_steps))
         rec = {"step": run.trainer.n_steps, "block": block, **m, "replay": replay,
-               "lr": cfg.lr, "time_s": round(time.perf_counter() - t0, 4)}
+               "time_s": round(time.perf_counter() - t0, 4)}
         run.log.write(rec)
         records.append(rec)
         bar.update(1)
@@ -231,7 +231,7 @@ def run_sdft(ckpt: str | Path, data_path: str | Path, out_dir: str | Path, cfg: 
     examples, n_bad = load_jsonl(data_path, skip_bad=skip_bad)
     out = fresh_run_dir(out_dir, keep=keep_files)
     stream = ExampleStream(examples, cfg.seed)
-    probes = resolve_probes(cfg.probes)
+    probes = resolve_probes(cfg.eval.probes)
     mesh = mesh or make_mesh(cfg.mesh)
     model, meta = load_model(ckpt, mesh=mesh)
     tok = Tokenizer(tokenizer_path(meta, ckpt, tokenizer))
@@ -243,10 +243,7 @@ def run_sdft(ckpt: str | Path, data_path: str | Path, out_dir: str | Path, cfg: 
     del model  # the trainer owns (and donates) its buffers now
 
     def eval_fn() -> dict:
-        return evaluate(trainer.model(), tok, heldout_bin=cfg.heldout or None,
-                        seq_len=cfg.eval_seq_len, probes=probes, max_windows=cfg.eval_windows,
-                        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.probe_max_new_tokens,
-                        mesh=mesh)
+        return evaluate_config(trainer.model(), tok, cfg.eval, probes=probes, mesh=mesh)
 
     run = _Run(out, cfg, trainer, tok, eval_fn, meta, str(Path(ckpt).absolute()))
     try:
