@@ -101,3 +101,19 @@ def test_lora_a_like_peft():
     assert np.abs(a).max() <= bound and np.abs(a).max() > 0.99 * bound
     assert a.var() == pytest.approx(1.0 / (3 * d_in), rel=0.03)
     assert abs(a.mean()) < 0.01 * bound
+
+
+def test_official_presets_load():
+    d = C.load(C.DiscoverConfig, "discover/official.yaml")
+    assert (d.lora.rank, d.rollouts, d.optim.lr, d.optim.b2, d.kl_lambda, d.puct_c) == \
+        (32, 8, 4e-5, 0.95, 0.0, 1.0)
+    assert (d.puct_variant, d.beta_max, d.kl_shaping, d.rollout_policy) == \
+        ("official", 1e6, "per_token_centered", "untruncated")
+    s = C.load(C.SDFTConfig, "sdft/paper_code.yaml")
+    assert (s.kl_direction, s.ema_decay, s.skip_loss_tokens) == ("forward", 0.99, 3)
+    assert (s.optim.lr, s.optim.schedule, s.optim.warmup_steps, s.optim.warmup_frac) == \
+        (2e-5, "cosine", -1, 0.1)
+    for name in ("discover/default.yaml", "discover/tiny.yaml"):
+        assert C.load(C.DiscoverConfig, name).puct_variant == "handoff"  # the handoff's stay
+    for name in ("sdft/default.yaml", "sdft/tiny.yaml"):
+        assert C.load(C.SDFTConfig, name).kl_direction == "reverse"
