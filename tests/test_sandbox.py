@@ -296,3 +296,49 @@ def test_concurrent_evaluations_do_not_interfere(no_leftovers):
     for t in threads:
         t.join()
     assert results == [(True, True)] + [(True, False)] * 5
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_nothing_outlives_a_killed_host_process(tmp_path, no_leftovers):
+    """The evaluating process is SIGKILLed mid-run: the candidate (sleeping, so no CPU limit
+    would ever stop it), its pid-1 child and the test process die with it."""
+    import sys
+    pids = tmp_path / "pids"
+    script = f"""
+import os, threading, time
+from jaxttt.eval import sandbox
+sandbox.confinement_problem()
+spawned = []
+real = sandbox._spawn
+def spy(*a, **k):
+    proc = real(*a, **k)
+    spawned.append(proc.pid)
+    return proc
+sandbox._spawn = spy
+def record_and_die():
+    family = list(spawned)
+    for pid in spawned:
+        try:
+            family += [int(c) for c in open(f"/proc/{{pid}}/task/{{pid}}/children").read().split()]
+        except OSError:
+            pass
+    open({str(pids)!r}, "w").write(" ".join(map(str, family)))
+    os.kill(os.getpid(), 9)
+threading.Timer(3.0, record_and_die).start()
+sandbox.evaluate("import time\\ndef add(a, b):\\n    time.sleep(60)\\n", ["add(1, 2)"],
+                 limits=sandbox.Limits(timeout_s=30))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], timeout=60)
+    family = [int(p) for p in pids.read_text().split()]
+    assert proc.returncode == -9 and len(family) >= 3  # candidate, its pid-1 child, test process
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in family if _alive(p)], "a sandbox process outlived its evaluator"

@@ -249,7 +249,7 @@ class _BenchmarkEnv(CodeTestsEnv):
 
     bench = ""
 
-    def __init__(self, *, task_id: str, path: str | None = None, timeout_s: float = 10.0,
+    def __init__(self, *, task_id: str, path: str | None = None, timeout_s: float = 6.0,
                  memory_mb: int = 256, unsafe_local_exec: bool = False):
         try:
             self.task = humaneval.load_task(self.bench, task_id, path)

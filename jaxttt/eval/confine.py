@@ -112,6 +112,14 @@ def _write(path: str, text: str) -> None:
         os.close(fd)
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the thread that started it exits (even if that process is
+    killed outright), so nothing outlives the evaluation that started it."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
+    if os.getppid() != parent_pid:  # it died before PDEATHSIG was armed
+        os._exit(137)
+
+
 # ---- 1-2: namespaces and the private /tmp -------------------------------------------------
 def enter_namespaces(tmp_mb: int, tmp_inodes: int) -> None:
     uid, gid = os.geteuid(), os.getegid()

@@ -193,7 +193,7 @@ def _spawn(role: str, cfg: dict, fds: tuple[int, ...], stdout, stderr, home: str
 
 def _candidate_cfg(code: str, mode: str, limits: Limits, confined: bool, workdir: str | None) -> dict:
     return {"code": code, "mode": mode, "limits": limits.child(), "confine": confined,
-            "workdir": workdir}
+            "workdir": workdir, "parent_pid": os.getpid()}
 
 
 def _kill(proc: subprocess.Popen) -> None:

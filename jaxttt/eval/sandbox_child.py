@@ -57,8 +57,9 @@ def _answer(ns: dict, req) -> dict:
 
 def candidate_main(cfg: dict, channel: tuple) -> None:
     """Script mode has no channel; serve mode has (IN, OUT)."""
+    die_with_parent(cfg["parent_pid"])  # noqa: F821 - confine.py
     if cfg["confine"]:
-        confine(cfg, channel)  # noqa: F821 - confine.py
+        confine(cfg, channel)  # noqa: F821
     else:
         _unconfined_setup(cfg, channel)
     source, script = cfg["code"], cfg["mode"] == "script"
