@@ -2,10 +2,10 @@
 
 The base model is split once into (graphdef, state); every request works on
 `nnx.merge(graphdef, state, copy=True)`: fresh Variables over the (immutable) base arrays, so
-the request's tree can attach its own
-adapters (`nnx.LoRAParam`) and trains only those through the one trainer core. Nothing is ever
-written into the base arrays, so when the request's tree and trainer are dropped the server
-holds the pristine base again, bitwise (adapters gone, optimizer state gone).
+the request's tree attaches its own adapters (`nnx.LoRAParam`) and trains only those through
+the one trainer core (which donates only what it trains). Nothing is written into the base
+arrays: when the request's tree and trainer are dropped the server holds the pristine base
+again, bitwise (adapters gone, optimizer state gone).
 
 Fine-tuning follows SEAL's `transformers.Trainer` call: AdamW (b2 0.999, no weight decay,
 gradient clip 1.0), learning rate decaying linearly from `finetune_lr` to 0 without warmup,
@@ -56,7 +56,7 @@ class EngineConfig:
 class RoundResult:
     reply: dict
     timings: dict[str, float]  # baseline_eval_s, finetune_s, adapted_eval_s, total_s
-    train: dict[str, Any]  # steps, tokens, first/last loss, skipped
+    train: dict[str, Any]  # steps, tokens, epoch_loss, lr_first/lr_last, skipped, adapter dirs
 
 
 class TTTEngine:
