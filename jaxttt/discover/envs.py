@@ -193,8 +193,10 @@ def _require_sandbox(unsafe_local_exec: bool) -> None:
 class CodeTestsEnv(DiscoveryEnv):
     """Reward = fraction of `tests` (assert snippets) passed by the candidate. The candidate runs
     confined in its own process; the asserts run in another, calling it through proxies
-    (`jaxttt.eval.sandbox`). `unsafe_local_exec` runs it unconfined where the kernel cannot
-    confine (logged; the option is recorded with the run's env options)."""
+    (`jaxttt.eval.sandbox`). Tests see the candidate's functions and plain-data globals, not
+    its imports or objects: a test imports what it uses and compares plain values.
+    `unsafe_local_exec` runs it unconfined where the kernel cannot confine (logged; the option
+    is recorded with the run's env options)."""
 
     version = "code-2"
 

@@ -114,7 +114,9 @@ def _write(path: str, text: str) -> None:
 
 def die_with_parent(parent_pid: int) -> None:
     """SIGKILL this process when the thread that started it exits (even if that process is
-    killed outright), so nothing outlives the evaluation that started it."""
+    killed outright), so nothing outlives the evaluation that started it. Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
     if os.getppid() != parent_pid:  # it died before PDEATHSIG was armed
         os._exit(137)
@@ -157,7 +159,9 @@ def fork_init(keep_fds: tuple) -> None:
 
 
 # ---- 4: limits, fds, capabilities ----------------------------------------------------------
-def set_limits(lim: dict) -> None:
+def set_limits(lim: dict, strict: bool = True) -> None:
+    """The rlimits of `lim`; with strict=False (unsafe local mode, e.g. macOS) a limit the
+    platform refuses is skipped."""
     pairs = ((resource.RLIMIT_CPU, lim["cpu_s"], lim["cpu_s"] + 1),
              (resource.RLIMIT_AS, lim["as_bytes"], lim["as_bytes"]),
              (resource.RLIMIT_FSIZE, lim["fsize_bytes"], lim["fsize_bytes"]),
@@ -165,7 +169,11 @@ def set_limits(lim: dict) -> None:
              (resource.RLIMIT_NPROC, lim["nproc"], lim["nproc"]),
              (resource.RLIMIT_CORE, 0, 0))
     for which, soft, hard in pairs:
-        resource.setrlimit(which, (soft, hard))
+        try:
+            resource.setrlimit(which, (soft, hard))
+        except (ValueError, OSError):
+            if strict:
+                raise
 
 
 def close_fds(keep: tuple) -> None:

@@ -360,6 +360,13 @@ def run_tests(code: str, tests: list[str], *, timeout_s: float = 5.0, cpu_s: int
 # ---- scripts -----------------------------------------------------------------------------------
 def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
     """Wait for exit without reaping (the pid stays ours for the kill). True on timeout."""
+    if not hasattr(os, "pidfd_open"):  # macOS (unsafe local mode only)
+        deadline = time.monotonic() + timeout_s
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.005)
+        return False
     pidfd = os.pidfd_open(proc.pid)
     try:
         poller = select.poll()

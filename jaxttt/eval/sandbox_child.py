@@ -25,7 +25,7 @@ import types
 def _unconfined_setup(cfg: dict, keep: tuple) -> None:
     """--unsafe-local-exec: only rlimits, a private cwd and closed fds. No kernel boundary."""
     os.chdir(cfg["workdir"])
-    set_limits(cfg["limits"])  # noqa: F821 - from confine.py, sent before this file
+    set_limits(cfg["limits"], strict=False)  # noqa: F821 - from confine.py, sent before this file
     close_fds(keep)  # noqa: F821
 
 
@@ -163,7 +163,8 @@ def _bind_candidate(ns: dict, names: dict, channel: Channel, entry_points: list,
     name the trusted setup defined only for the entry points (HumanEval's helpers stay the
     benchmark's own)."""
     for name, kind in names.items():
-        if hasattr(builtins, name) or (name in ns and name not in entry_points):
+        if type(name) is not str or not name.isidentifier() or hasattr(builtins, name) \
+                or (name in ns and name not in entry_points):
             continue
         if kind == "call":
             ns[name] = Remote(channel, name)
