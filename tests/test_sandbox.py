@@ -261,6 +261,7 @@ def test_remove_tree_clears_immutable_files(tmp_path):
 @pytest.fixture
 def no_confinement(monkeypatch):
     monkeypatch.setattr(sandbox, "_probe_result", ["simulated: this kernel has no namespaces"])
+    monkeypatch.setattr(sandbox, "_warned", [])
 
 
 def test_refuses_without_confinement_unless_unsafe_is_explicit(no_confinement, caplog, no_leftovers):

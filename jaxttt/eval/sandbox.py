@@ -136,6 +136,7 @@ def _program(role: str) -> bytes:
 
 _probe_lock = threading.Lock()
 _probe_result: list = []
+_warned: list = []  # the unsafe-mode warning is logged once per process
 
 
 def confinement_problem() -> str | None:
@@ -151,7 +152,7 @@ def _probe() -> str | None:
         return f"no kernel confinement on {sys.platform} (needs Linux namespaces, Landlock, seccomp)"
     # Inside, a socket must be refused and the host's /etc unreadable.
     code = ("import socket\ntry:\n    socket.socket()\n    raise SystemExit(3)\nexcept OSError:\n    pass\n"
-            "try:\n    open('/etc/hostname').close()\n    raise SystemExit(4)\nexcept OSError:\n    pass\n")
+            "try:\n    open('/etc/passwd').close()\n    raise SystemExit(4)\nexcept OSError:\n    pass\n")
     r = _run_script(code, Limits(timeout_s=20.0), confined=True)
     if r.ok:
         return None
@@ -170,7 +171,9 @@ def check_confinement(unsafe_local_exec: bool = False) -> bool:
         raise SandboxUnavailable(
             f"refusing to run untrusted code: {problem}. Pass {UNSAFE_FLAG} (env option "
             "unsafe_local_exec: true) to run it unconfined, with rlimits only, if you trust it")
-    log.warning("UNSAFE: running model-written code without kernel confinement (%s)", problem)
+    if not _warned:
+        _warned.append(True)
+        log.warning("UNSAFE: running model-written code without kernel confinement (%s)", problem)
     return False
 
 
