@@ -106,3 +106,19 @@ def test_recovery_iqm_and_bootstrap():
     lo, hi = stats.bootstrap_ci(data, n=500)
     assert lo < 1.0 < hi and hi - lo < 0.4
     assert stats.pareto_front([1, 2, 3, 2], [3, 2, 2.5, 4]) == [0, 1]
+
+
+def test_episode_state_is_32d_and_the_budget_mask_is_hard():
+    from jaxttt.ponder.ppo import N_FEATURES, ChunkTable, Episodes
+
+    rng = np.random.default_rng(0)
+    C, L = 40, 8
+    table = ChunkTable(rng.random((C, 4)), rng.standard_normal((C, 26)).astype(np.float32), None)
+    env = Episodes(table, np.array([0, 10, 20]), L, budget=2.0)
+    spent = np.zeros(3)
+    for _ in range(L):
+        s, mask = env.state(lag=1)
+        assert s.shape == (3, 32) == (3, N_FEATURES) and mask[:, 0].all()
+        a = np.array([np.flatnonzero(m).max() for m in mask])  # greediest allowed action
+        spent += env.act(a)[1]
+    assert np.all(spent <= 2.0 * L + 1e-6) and np.all(spent >= 2.0 * L - 11)

@@ -23,7 +23,7 @@ from jaxttt.ponder.actions import N_STATIC, SIGNAL_FEATURE
 from jaxttt.ponder.config import NOMINAL_COST, PonderEvalConfig
 from jaxttt.ponder.policies import PID
 
-N_FEATURES = N_STATIC + 6
+N_FEATURES = N_STATIC + 6  # = 32
 COST_A = np.asarray(NOMINAL_COST, np.float32)
 HIST_EMA = 0.1
 
@@ -126,9 +126,7 @@ class Episodes:
         pos = np.full(self.E, self.step / self.L, np.float32)
         hist = np.stack([self.ema_sig, self.ema_loss, self.ema_cost / COST_A[-1],
                          self.remaining / self.total], -1)
-        s = np.concatenate([feats, pos[:, None], 1.0 - pos[:, None],
-                            np.full((self.E, 1), np.log1p(self.step) / np.log1p(self.L), np.float32),
-                            np.full((self.E, 1), float(lag > 0), np.float32), hist], -1)
+        s = np.concatenate([feats, pos[:, None], 1.0 - pos[:, None], hist], -1)  # 26 + 2 + 4
         left_after = self.L - self.step - 1  # chunks after this one, each costs >= SKIP
         mask = (COST_A[None, :] + left_after * COST_A[0]) <= self.remaining[:, None] + 1e-6
         return s.astype(np.float32), mask
