@@ -54,17 +54,23 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import jax
 
+    from jaxttt import config as C
+    from jaxttt.errors import UserError
     from jaxttt.runs import load_run
     from jaxttt.sampling import generate
 
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "greedy")
+    sc = C.load(C.SamplingConfig, None, [f"{k}={getattr(args, k)}" for k in names])  # ranges
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples: expected a positive integer, got {args.num_samples}")
     model, tok, meta = load_run(args.run, step=args.step)
     if args.chat:  # an instruct model: the checkpoint's own template; print the answer only
         prompt = tok.chat_ids([{"role": "user", "content": args.prompt}])
     else:  # the document start the model was trained with (EOS here, BOS for most checkpoints)
         prompt = tok.prompt_ids(args.prompt)
     out = generate(model, [prompt] * args.num_samples, jax.random.key(args.seed),
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
+                   max_new_tokens=sc.max_new_tokens, temperature=sc.temperature,
+                   top_p=sc.top_p, top_k=sc.top_k, greedy=sc.greedy,
                    eos_id=tok.eos_id, pad_id=tok.pad_id)
     for i, ids in enumerate(out.completions()):
         print(f"--- sample {i + 1} (step {meta['step']}) ---")
