@@ -105,6 +105,7 @@ def test_user_errors_are_one_line(tmp_path, capsys, rows, argv, needle):
     rc, out, err = _run_cli(capsys, "--bench", "humaneval", "--completions", f, *argv, "--out",
                             str(tmp_path / "out"))
     assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1 and out == ""
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_jsonl_line_names_file_and_line(tmp_path, capsys):

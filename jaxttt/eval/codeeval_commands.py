@@ -71,12 +71,14 @@ def _codeeval(args: argparse.Namespace) -> int:
         tasks = _select(humaneval.load_benchmark(args.bench, args.mbpp_file), args.tasks)
     except humaneval.TaskError as e:
         raise UserError(str(e)) from None
-    out = fresh_run_dir(args.out)
     t0 = time.monotonic()
     info: dict = {}
-    if args.completions:
+    if args.completions:  # read before anything is created: a bad file leaves no directory
         samples = codeeval.read_completions(args.completions, tasks)
+        codeeval.check_ks(samples, args.k)
+        out = fresh_run_dir(args.out)
     else:
+        out = fresh_run_dir(args.out)
         samples, info = codeeval.generate_completions(
             tasks, args.ckpt, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, seed=args.seed, chat=False if args.no_chat else None,
