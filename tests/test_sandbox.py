@@ -126,6 +126,8 @@ def test_load_errors_and_timeouts_fail_every_test(no_leftovers):
 def test_script_mode_and_what_the_confined_process_sees(no_leftovers):
     r = run_python("import sys\nprint('hi')\nprint('err', file=sys.stderr)\nsys.exit(3)")
     assert (r.returncode, r.stdout, r.stderr) == (3, "hi\n", "err\n")
+    r = run_python("while True:\n    print('y' * 1000)", timeout_s=1.0, max_output=10_000, file_mb=1)
+    assert r.truncated and len(r.stdout) == 10_000 and not r.ok  # stopped by the file-size limit or the clock
     probe = (
         "import os, socket\n"
         "def refused(f):\n    try:\n        f()\n        return False\n    except OSError:\n        return True\n"
