@@ -49,12 +49,13 @@ def _main(args) -> None:
 
 def new_run_dir(out: str | Path | None) -> Path:
     """A fresh directory: never reuses (and so never overwrites) an earlier run."""
+    from jaxttt.runs import fresh_run_dir, run_name
+
     if out is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out, i = Path("runs") / f"demo-{stamp}", 1
+        base = run_name("demo")
+        out, i = Path(base), 1
         while out.exists():
-            out, i = Path("runs") / f"demo-{stamp}-{i}", i + 1
-    from jaxttt.runs import fresh_run_dir
+            out, i = Path(f"{base}-{i}"), i + 1
 
     return fresh_run_dir(out)
 

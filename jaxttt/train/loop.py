@@ -114,7 +114,7 @@ def open_run_dir(cfg: C.PretrainConfig) -> tuple[Path, int | None]:
 
 def _default_run_dir() -> str:
     stamp = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))  # same on all hosts
-    return "runs/pretrain-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(stamp))
+    return runs.run_name("pretrain", stamp)
 
 
 def _check_same_model(run_dir: Path, model: C.ModelConfig) -> None:
