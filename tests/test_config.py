@@ -121,3 +121,22 @@ def test_range_error_names_the_file(tmp_path):
     bad.write_text("steps: 10\noptim: {lr: 1e-3\n")
     with pytest.raises(C.ConfigError, match=rf"^{bad}:3:1: not valid YAML"):
         C.load(C.PretrainConfig, bad)
+
+
+def test_every_config_field_has_a_comment():
+    """A `# ...` on the field's line(s) or just above it, for every field of every config."""
+    import ast
+    import inspect
+
+    lines = inspect.getsource(C).splitlines()
+    missing, seen = [], 0
+    for cls in ast.parse("\n".join(lines)).body:
+        if not (isinstance(cls, ast.ClassDef) and cls.name.endswith("Config")):
+            continue
+        for node in cls.body:
+            if isinstance(node, ast.AnnAssign):
+                seen += 1
+                own = lines[node.lineno - 1:node.end_lineno]
+                if not any("#" in ln for ln in own) and not lines[node.lineno - 2].strip().startswith("#"):
+                    missing.append(f"{cls.name}.{node.target.id}")
+    assert missing == [] and seen > 80  # (the configs have ~120 fields)
