@@ -7,7 +7,8 @@ Each step t = 1..steps:
   start state s: PUCT over the archive (`cfg.reuse`), else the seed s0 = env.initial_state();
   prompt = env.context_from_archive(s, archive), encoded `[EOS] + text` (the document start,
   as in the packed pretraining data) and left-truncated to leave room for the action;
-  N = rollouts actions in ONE batched KV-cache `generate` call (EOS stops a row);
+  N = rollouts actions in ONE batched KV-cache `generate` call (EOS stops a row), sampled as
+    `rollout_policy` says (default: the untruncated policy, temperature 1, top_p 1);
   rewards via `safe_reward` (exceptions, hangs, NaN -> 0 and an error string; the run goes on);
   one `DiscoverTrainer.update` (β, LOO advantages, KL shaping, LoRA-only AdamW, one jit);
   archive: `update_after_expand(s, rewards)`, then the top `children_per_step` new states.
@@ -44,7 +45,7 @@ from jaxttt import sharding
 from jaxttt.config import DiscoverConfig
 from jaxttt.discover.archive import Archive, Node
 from jaxttt.discover.env import DiscoveryEnv, load_env, reward_record, safe_reward
-from jaxttt.discover.step import DiscoverTrainer
+from jaxttt.discover.step import DiscoverTrainer, rollout_sampling
 from jaxttt.eval.report import encode_prompt
 from jaxttt.model import lora
 from jaxttt.sampling import generate
@@ -96,15 +97,19 @@ def prompt_ids(tokenizer, text: str, max_seq_len: int, max_new_tokens: int) -> l
 
 
 def sample_rollouts(model: nnx.Module, tokenizer, prompt: str, n: int, key: jax.Array,
-                    cfg: DiscoverConfig, *, use_lora: bool = True, greedy: bool = False) -> Rollouts:
-    """`n` actions for `prompt` in one batched `generate` call; actions decoded without EOS."""
+                    cfg: DiscoverConfig, *, use_lora: bool = True, greedy: bool = False,
+                    ttt: bool = False) -> Rollouts:
+    """`n` actions for `prompt` in one batched `generate` call; actions decoded without EOS.
+    `ttt`: the training rollouts, sampled as `cfg.rollout_policy` says; otherwise (baseline,
+    evaluation) with `cfg.sampling`."""
     sc = cfg.sampling
+    how = rollout_sampling(cfg) if ttt else {"temperature": sc.temperature, "top_p": sc.top_p,
+                                             "top_k": sc.top_k, "greedy": sc.greedy}
     ids = prompt_ids(tokenizer, prompt, model.cfg.max_seq_len, sc.max_new_tokens)
     t0 = time.perf_counter()
     out = generate(model, [ids] * n, key, max_new_tokens=sc.max_new_tokens,
-                   temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
-                   greedy=greedy or sc.greedy, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                   use_lora=use_lora)
+                   **{**how, "greedy": greedy or how["greedy"]}, eos_id=tokenizer.eos_id,
+                   pad_id=tokenizer.pad_id, use_lora=use_lora)
     completions = out.completions()
     secs = time.perf_counter() - t0
     actions = [tokenizer.decode([i for i in c if i != tokenizer.eos_id]) for c in completions]
@@ -205,7 +210,7 @@ class DiscoverRun:
         node = self.start_node()
         prompt = self.env.context_from_archive(node.state, self.archive)
         ro = sample_rollouts(self.trainer.model(), self.tok, prompt, self.cfg.rollouts,
-                             jax.random.fold_in(self.ttt_key, t), self.cfg)
+                             jax.random.fold_in(self.ttt_key, t), self.cfg, ttt=True)
         evaluate(self.env, ro, self.cfg.reward_timeout_s, self.cfg.reward_workers)
         t_update = time.perf_counter()
         m = self.trainer.update([ro.prompt_ids] * len(ro.completions), ro.completions,

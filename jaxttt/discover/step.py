@@ -1,48 +1,54 @@
-"""One TTT-Discover update (handoff K4, §3-§6, §8, F3): LoRA-only AdamW on the entropic objective.
+"""One TTT-Discover update (handoff K4, §3-§6, §8, F3) over the trainer core: LoRA-only AdamW on
+the entropic objective.
 
 For the N actions a_n sampled from one start state (a group; G groups per update):
   A_n     leave-one-out entropic advantages (adaptive or fixed β), held constant;
-  log π   summed over each action's tokens (F3), teacher-forced, under θ (adapters on) and
-          θ0 (`use_lora=False`: the same weights, adapters off);
-  loss    -mean_n[(A_n - λ (log π_θ - log π_θ0)) · log π_θ]   (`grouped_reinforce_loss`).
+  log π   per token of each action (F3), teacher-forced, under θ (adapters on) and θ0
+          (`use_lora=False`: the same weights, adapters off);
+  shaping `kl_shaping=sequence`: A_n − λ·Σ_t (log π_θ − log π_θ0), one weight per action;
+          `per_token_centered` (the official code): token t gets A_n − λ·(r_t − r̄), r_t its
+          log-ratio and r̄ the mean log-ratio over every action token of the update;
+  loss    −Σ_n w_n Σ_t Â_{n,t} log π_θ(a_{n,t}),  w_n = 1 / (valid groups · N) on a valid group's
+          rows (0 on dropped groups and mesh padding), times the importance weight
+          min(1, π_θ(a)/q(a)) under `rollout_policy=importance` (q: the truncated sampler).
 Groups whose rewards are all equal carry no signal and are dropped; if no group is left the
-update is skipped (adapters and optimiser state unchanged, even under weight decay).
+step has no tokens and the trainer skips it (adapters and optimiser state bitwise unchanged),
+as it does for a non-finite loss or gradient (e.g. a reward of 1e300, inf in float32).
 
-The update is ONE jitted program with shardings from `jaxttt.sharding`; adapters and optimiser
-state are donated. Rows are padded to a multiple of the mesh's batch shards and widths to
-power-of-two buckets, and the hyperparameters (lr, weight decay, clip, λ) are arrays, not
-constants: one compile per model, row count and width bucket, shared by every run in a process.
+Every batch entry is per row, so the update is the trainer's one jitted program; rows are
+padded to a multiple of the mesh's batch shards and widths to power-of-two buckets: one
+compile per model, row count and width bucket, shared by every run in a process.
 """
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any, Callable, Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxttt import sharding
 from jaxttt.config import DiscoverConfig
-from jaxttt.discover.objective import GroupAdvantages, group_advantages, grouped_reinforce_loss
+from jaxttt.discover.objective import GroupAdvantages, group_advantages
 from jaxttt.model.lora import has_lora
 from jaxttt.model.transformer import token_logprobs
-from jaxttt.sampling import bucket, pack_sequences
+from jaxttt.sampling import bucket, filter_probs, pack_sequences
+from jaxttt.train.trainer import ADAPTERS, Trainer
 
 Batch = dict[str, Any]
+IS_CLIP = 1.0  # truncated importance weights (V-trace's rho-bar = 1)
 
 
-def make_optimizer(cfg: DiscoverConfig) -> optax.GradientTransformation:
-    """Global-norm clipping (`grad_clip <= 0`: none) then AdamW. The hyperparameters live in
-    the optimiser state (`inject_hyperparams`), so they do not enter the compiled program."""
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    return optax.chain(
-        optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=clip),
-        optax.inject_hyperparams(optax.adamw)(learning_rate=cfg.lr, weight_decay=cfg.weight_decay))
+def rollout_sampling(cfg: DiscoverConfig) -> dict[str, Any]:
+    """Sampler settings of the TTT rollouts under `cfg.rollout_policy`."""
+    sc = cfg.sampling
+    if cfg.rollout_policy == "untruncated":
+        return {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "greedy": False}
+    return {"temperature": sc.temperature, "top_p": sc.top_p, "top_k": sc.top_k,
+            "greedy": sc.greedy}
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,63 +59,68 @@ def masked_logprob_sums(logits_RWV, targets_RW, mask_RW) -> jax.Array:
     return jnp.sum(token_logprobs(logits_RWV, targets_RW) * mask_RW, axis=-1)
 
 
-def action_logprobs(model: nnx.Module, tokens_RW, targets_RW, mask_RW, *, use_lora: bool) -> jax.Array:
-    """log π(a | prompt) per row, teacher-forced (adapters on: θ; off: θ0)."""
-    return masked_logprob_sums(model(tokens_RW, use_lora=use_lora), targets_RW, mask_RW)
+def sampler_logprobs(logits_RWV, targets_RW, temperature: float, top_p: float, top_k: int):
+    """log q(target) under the truncated sampler (temperature, top-k, top-p) per position."""
+    R, W, V = logits_RWV.shape
+    w_XV = filter_probs(logits_RWV.reshape(R * W, V).astype(jnp.float32), temperature, top_p,
+                        top_k, None)
+    q_XV = w_XV / jnp.sum(w_XV, axis=-1, keepdims=True)
+    q_RW = jnp.take_along_axis(q_XV, targets_RW.reshape(-1, 1), axis=-1).reshape(R, W)
+    return jnp.log(jnp.maximum(q_RW, 1e-30))
 
 
-def _groups(x_R: jax.Array, G: int, N: int) -> jax.Array:
-    """The first G·N rows (the rest is mesh padding) as [G, N]."""
-    return x_R[:G * N].reshape(G, N)
-
-
-def discover_loss(lora, frozen, graphdef, batch: Batch):
-    """(loss, aux) for adapters `lora` on a batch with tokens, targets, mask [R, W], A_GN,
-    valid_G and the scalar kl_lambda; see the module docstring."""
-    model = nnx.merge(graphdef, lora, frozen)
-    G, N = batch["A_GN"].shape
-    rows = (batch["tokens"], batch["targets"], batch["mask"])
-    logp_theta_GN = _groups(action_logprobs(model, *rows, use_lora=True), G, N)
-    logp_base_GN = jax.lax.stop_gradient(_groups(action_logprobs(model, *rows, use_lora=False), G, N))
-    loss = grouped_reinforce_loss(logp_theta_GN, logp_base_GN, batch["A_GN"], batch["valid_G"],
-                                  batch["kl_lambda"])
-    aux = {"logp_theta": jnp.mean(logp_theta_GN), "kl": jnp.mean(logp_theta_GN - logp_base_GN)}
+def shaped_reinforce_loss(logp_RW, base_RW, mask_RW, adv_R, weight_R, kl_lambda: float,
+                          kl_shaping: str = "sequence", log_q_RW=None):
+    """−Σ_n w_n Σ_t Â_{n,t} log π_θ(a_{n,t}) from per-token log-probs (see the module docstring):
+    logp_RW under θ (differentiated), base_RW under θ0, log_q_RW under the sampler (None: no
+    importance weights). Returns (loss, aux: logp_theta, kl, n_tokens over the live rows)."""
+    logp_RW = logp_RW * mask_RW
+    ratio_RW = jax.lax.stop_gradient(logp_RW) - base_RW * mask_RW
+    live_R = (weight_R > 0).astype(jnp.float32)
+    if kl_shaping == "sequence":
+        adv_RW = (adv_R - kl_lambda * jnp.sum(ratio_RW, -1))[:, None] * mask_RW
+    else:
+        live_RW = mask_RW * live_R[:, None]
+        mean = jnp.sum(ratio_RW * live_RW) / jnp.maximum(jnp.sum(live_RW), 1.0)
+        adv_RW = (adv_R[:, None] - kl_lambda * (ratio_RW - mean)) * mask_RW
+    if log_q_RW is not None:
+        log_w_R = jnp.sum((jax.lax.stop_gradient(logp_RW) - log_q_RW) * mask_RW, -1)
+        weight_R = weight_R * jnp.minimum(jnp.exp(log_w_R), IS_CLIP)
+    loss = -jnp.sum(weight_R[:, None] * jax.lax.stop_gradient(adv_RW) * logp_RW)
+    n_live = jnp.maximum(jnp.sum(live_R), 1.0)
+    aux = {"logp_theta": jnp.sum(live_R * jnp.sum(logp_RW, -1)) / n_live,
+           "kl": jnp.sum(live_R * jnp.sum(ratio_RW, -1)) / n_live,
+           "n_tokens": jnp.sum(live_R[:, None] * mask_RW)}
     return loss, aux
 
 
-# --------------------------------------------------------------------------------------------
-# The jitted update
-# --------------------------------------------------------------------------------------------
-def _update(lora, opt_state, frozen, batch: Batch, *, graphdef, mesh: Mesh):
-    """One AdamW step on the adapters; skipped entirely when no group is valid."""
-    grad_fn = jax.value_and_grad(discover_loss, has_aux=True)
-    (loss, aux), grads = grad_fn(lora, frozen, graphdef, batch)
-    tx = make_optimizer(DiscoverConfig())  # structure only: the values come from opt_state
-    updates, new_opt = tx.update(grads, opt_state, lora)
-    new_lora = optax.apply_updates(lora, updates)
-    ok = jnp.any(batch["valid_G"])
+@dataclasses.dataclass(frozen=True)
+class DiscoverLoss:
+    """`shaped_reinforce_loss` of a model on per-row batches: tokens, targets, mask [R, W];
+    adv, weight [R] (weight = 1/(valid groups · N) on live rows, else 0)."""
+    kl_lambda: float
+    kl_shaping: str = "sequence"
+    importance: tuple[float, float, int] | None = None  # sampler (temperature, top_p, top_k)
 
-    def pick(new, old):
-        return jax.tree.map(lambda x, y: jnp.where(ok, x, y), new, old)
-
-    out = (pick(new_lora, lora), pick(new_opt, opt_state))
-    out = jax.lax.with_sharding_constraint(out, sharding.state_shardings(out, mesh))
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "updated": ok, **aux}
-    return (*out, metrics)
-
-
-@functools.lru_cache(maxsize=16)
-def compiled_update(graphdef, mesh: Mesh) -> Callable:
-    """`_update` jitted for a model structure on `mesh` (cached across trainers); donates the
-    adapters and optimiser state (arguments 0-1). Inputs arrive placed (`place_batch`)."""
-    return jax.jit(functools.partial(_update, graphdef=graphdef, mesh=mesh), donate_argnums=(0, 1))
+    def __call__(self, model: nnx.Module, b: Batch):
+        logits_RWV = model(b["tokens"], use_lora=True)
+        logp_RW = token_logprobs(logits_RWV, b["targets"])
+        base_RW = jax.lax.stop_gradient(token_logprobs(model(b["tokens"], use_lora=False),
+                                                       b["targets"]))
+        log_q_RW = None
+        if self.importance is not None:
+            log_q_RW = sampler_logprobs(jax.lax.stop_gradient(logits_RWV), b["targets"],
+                                        *self.importance)
+        return shaped_reinforce_loss(logp_RW, base_RW, b["mask"], b["adv"], b["weight"],
+                                     self.kl_lambda, self.kl_shaping, log_q_RW)
 
 
-def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
-    """Rows over the batch shards; per-group arrays replicated."""
-    rows = ("tokens", "targets", "mask")
-    return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim) if k in rows
-                              else sharding.replicated(mesh)) for k, v in batch.items()}
+def make_loss(cfg: DiscoverConfig) -> DiscoverLoss:
+    imp = None
+    if cfg.rollout_policy == "importance":
+        s = rollout_sampling(cfg)
+        imp = (float(s["temperature"]), float(s["top_p"]), int(s["top_k"]))
+    return DiscoverLoss(float(cfg.kl_lambda), cfg.kl_shaping, imp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,11 +143,21 @@ def build_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence
     return {"tokens": tokens, "targets": targets, "mask": mask}
 
 
+def row_weights(adv: GroupAdvantages, n_rows: int) -> dict[str, np.ndarray]:
+    """Per-row advantage and weight 1/(valid groups · N) (0: dropped group or padding)."""
+    A_GN, valid_G = np.asarray(adv.A_GN, np.float32), np.asarray(adv.valid_G, bool)
+    G, N = A_GN.shape
+    w_GN = np.where(valid_G[:, None], 1.0 / (max(int(valid_G.sum()), 1) * N), np.zeros((G, N)))
+    pad = n_rows - G * N
+    return {"adv": np.concatenate([A_GN.reshape(-1), np.zeros(pad)]).astype(np.float32),
+            "weight": np.concatenate([w_GN.reshape(-1), np.zeros(pad)]).astype(np.float32)}
+
+
 # --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
 class DiscoverTrainer:
-    """Functional TTT-Discover state: adapters Δθ (trainable), the frozen θ0, AdamW state.
+    """TTT-Discover state: the core `Trainer` over the adapters Δθ of a LoRA model (θ0 frozen).
 
     `update(prompts, completions, rewards_GN)` = advantages (host + a small jit) and ONE jitted
     optimiser step; `model()` is the current adapted model (sampling, saving adapters).
@@ -147,21 +168,32 @@ class DiscoverTrainer:
             raise ValueError("DiscoverTrainer needs a model with LoRA adapters (lora.add_lora)")
         self.cfg, self.mesh, self.pad_id = cfg, mesh, pad_id
         self.max_seq_len = model.cfg.max_seq_len
-        self.graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
-        self.lora = sharding.shard_state(lora, mesh)
-        self.frozen = sharding.shard_state(frozen, mesh)
-        init = make_optimizer(cfg).init
-        opt_sh = sharding.state_shardings(jax.eval_shape(init, self.lora), mesh)
-        self.opt_state = jax.jit(init, out_shardings=opt_sh)(self.lora)
-        self._update = compiled_update(self.graphdef, mesh)
-        self.n_updates = 0
+        self.core = Trainer(model, make_loss(cfg), cfg.optim, mesh=mesh, total_steps=cfg.steps,
+                            wrt=ADAPTERS)
+
+    @property
+    def lora(self) -> nnx.State:
+        return self.core.params
+
+    @property
+    def frozen(self) -> nnx.State:
+        return self.core.rest
+
+    @property
+    def opt_state(self):
+        return self.core.opt_state
+
+    @property
+    def n_updates(self) -> int:
+        """Updates applied (skipped ones excluded)."""
+        return self.core.update_count
 
     @property
     def rows_multiple(self) -> int:
         return sharding.batch_shards(self.mesh)
 
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.lora, self.frozen)
+        return self.core.model
 
     def advantages(self, rewards_GN: np.ndarray) -> GroupAdvantages:
         cfg = self.cfg
@@ -179,14 +211,11 @@ class DiscoverTrainer:
                             self.max_seq_len)
         batch = build_batch(prompts, completions, pad_id=self.pad_id, width=width,
                             rows_multiple=self.rows_multiple)
-        batch.update(A_GN=np.asarray(adv.A_GN), valid_G=np.asarray(adv.valid_G),
-                     kl_lambda=np.float32(self.cfg.kl_lambda))
-        with jax.set_mesh(self.mesh):
-            self.lora, self.opt_state, m = self._update(self.lora, self.opt_state, self.frozen,
-                                                        place_batch(batch, self.mesh))
-        self.n_updates += int(bool(m["updated"]))
-        out = {k: float(v) for k, v in m.items() if k != "updated"}
-        return {**out, "updated": bool(m["updated"]), "beta": np.asarray(adv.beta_G).tolist(),
+        batch.update(row_weights(adv, len(batch["tokens"])))
+        m = self.core.step(batch)
+        updated = not m.pop("skipped")
+        m.pop("n_tokens", None)
+        return {**m, "updated": updated, "beta": np.asarray(adv.beta_G).tolist(),
                 "n_valid_groups": int(np.sum(np.asarray(adv.valid_G)))}
 
 
