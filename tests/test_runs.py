@@ -224,6 +224,24 @@ def test_copied_run_resumes_as_the_copy(run4, tmp_path):
     assert [r["step"] for r in runs.read_jsonl(copy / "metrics.jsonl")] == list(range(1, 7))
 
 
+def test_run_config_records_no_path_of_the_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.yaml").write_text("n_layers: 1\n")
+    cfg = C.load(C.PretrainConfig, None, [f"run_dir={run}", f"ckpt_dir={run / 'ck'}", "steps=5"])
+    runs.save_run_config(cfg, run)
+    text = (run / "config.yaml").read_text()
+    assert str(run) not in text and yaml.safe_load(text)["ckpt_dir"] == "ck"
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    resumed = runs.config_for_resume(C.load(C.PretrainConfig, copy / "config.yaml"),
+                                     copy / "config.yaml")
+    assert (resumed.run_dir, resumed.ckpt_dir, resumed.steps) == (str(copy), str(copy / "ck"), 5)
+    bucket = C.load(C.PretrainConfig, None, ["ckpt_dir=gs://b/x"])
+    runs.save_run_config(bucket, run)  # outside the run: kept as given
+    assert yaml.safe_load((run / "config.yaml").read_text())["ckpt_dir"] == "gs://b/x"
+
+
 def test_load_run_gives_model_tokenizer_meta(run4):
     run4 = run4[0]
     model, tok, meta = runs.load_run(run4)
