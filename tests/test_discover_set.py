@@ -19,12 +19,12 @@ from jaxttt.discover import adapter_files
 from jaxttt.discover.env import DiscoveryEnv, EnvError
 from jaxttt.discover.envs import parse_final_answer
 from jaxttt.discover.gsm_synth import generate_problems
-from jaxttt.discover.problemset import (GSM8KProblem, ProblemSet, SetArchive, load_problem_sets,
-                                        solved)
+from jaxttt.discover.problemset import (GSM8KProblem, Pick, ProblemSet, SetArchive,
+                                        load_problem_sets, solved)
 from jaxttt.discover.setrun import DiscoverSetConfig, SetRun
 from jaxttt.model import lora
 from jaxttt.model.transformer import Transformer
-from jaxttt.sharding import make_mesh
+from jaxttt.sharding import make_mesh, shard_state
 from jaxttt.train.checkpoint import Checkpointer, save_model_config
 
 MODEL = ["n_layers=1", "d_model=64", "n_heads=2", "d_head=32", "d_ff=128", "vocab_size=512",
@@ -136,18 +136,16 @@ def test_user_problem_set_plugin(tmp_path):
 
 
 # ---- the reuse score ---------------------------------------------------------------------------
-def _hand_archive() -> SetArchive:
+def _hand_archive(variant: str = "handoff") -> SetArchive:
     """p0: expanded twice (children 0.2, 0.5); p1: seed 0.3, never expanded; p2: expanded
     five times, best child 0.9 found once, the others 0.1."""
-    sa = SetArchive([0.0, 0.3, 0.0], ["a0", "b0", "c0"])
-    sa.archives[0].update_after_expand(0, [0.2])
-    sa.archives[0].add_child(0, "a1", 0.2, 1)
-    sa.archives[0].update_after_expand(0, [0.5])
-    sa.archives[0].add_child(0, "a2", 0.5, 2)
-    sa.archives[2].update_after_expand(0, [0.9, 0.1])
-    sa.archives[2].add_child(0, "c1", 0.9, 1)
-    for _ in range(4):
-        sa.archives[2].update_after_expand(0, [0.1])
+    sa = SetArchive([0.0, 0.3, 0.0], ["a0", "b0", "c0"], variant=variant)
+    root = [Pick(p, sa.root(p), 0.0) for p in range(3)]
+    sa.expand(root[0], ["a1"], [0.2], 2, 1)
+    sa.expand(root[0], ["a2"], [0.5], 2, 2)
+    sa.expand(root[2], ["c1"], [0.9], 2, 1)
+    for t in range(4):
+        sa.expand(root[2], ["c2", ""], [0.1, 0.0], 0, 2 + t, failed=[False, True])
     return sa
 
 
@@ -170,6 +168,10 @@ def test_reuse_score_matches_the_seed_formula_and_picks_problem_and_state():
     picks = sa.select(3, 10.0)
     assert [k.node.state for k in picks] == ["b0", "a2", sa.archives[2].select(10.0).state]
     assert [k.node.state for k in sa.select(2, 0.0, reuse=False)] == ["c0", "a0"]  # seeds
+    # the official PUCT variant counts visits in rollouts (failed ones too): n(p2) = 1 + 4·2
+    official = _hand_archive("official")
+    assert official.total_expansions == 2 + 9 and official[2].total_expansions == 9
+    assert official.reuse_scores(1.0)[2] == pytest.approx(0.9 + 0.9 * 0.5 * math.sqrt(12) / 10)
 
 
 def test_equal_rewards_spread_visits_over_the_set():
@@ -224,7 +226,8 @@ def theta0():
 
 
 def _cfg(**kw) -> DiscoverSetConfig:
-    base = dict(steps=3, rollouts=4, groups=3, lr=3e-2, reward_timeout_s=5.0, reward_workers=1,
+    base = dict(steps=3, rollouts=4, groups=3, optim=C.OptimConfig(lr=3e-2, warmup_steps=0,
+                schedule="constant"), reward_timeout_s=5.0, reward_workers=1,
                 benchmark_max_examples=2, benchmark_max_new_tokens=6, rolling_window=10,
                 sampling=C.SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=1.0),
                 lora=C.LoRAConfig(rank=4, alpha=8.0))
@@ -234,6 +237,12 @@ def _cfg(**kw) -> DiscoverSetConfig:
 @nnx.jit
 def _forward(model, x_BT):
     return model(x_BT)
+
+
+def _on_mesh(model):
+    """Every weight of `model` placed on the 8-device mesh, as the run's model is."""
+    nnx.update(model, shard_state(nnx.state(model), make_mesh(C.MeshConfig())))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -304,9 +313,9 @@ def test_per_step_adapter_files_restore_identical_logits(letter_run, theta0):
     adapters = run.dir / "adapters"
     assert json.loads((adapters / "adapter_config.json").read_text())["r"] == 4
     for t, want in logits.items():
-        orbax = lora.load_adapters(nnx.merge(*theta0), adapters / f"step_{t:04d}")
+        orbax = _on_mesh(lora.load_adapters(nnx.merge(*theta0), adapters / f"step_{t:04d}"))
         np.testing.assert_array_equal(np.asarray(_forward(orbax, x_BT)), want)
-        fresh = lora.add_lora(nnx.merge(*theta0), run.cfg.lora, seed=99)
+        fresh = _on_mesh(lora.add_lora(nnx.merge(*theta0), run.cfg.lora, seed=99))
         st = adapter_files.load_safetensors(fresh, adapters / f"step_{t:04d}_adapters.safetensors")
         np.testing.assert_array_equal(np.asarray(_forward(st, x_BT)), want)
     assert not np.array_equal(logits[0], logits[3])  # the updates changed the policy
@@ -329,7 +338,7 @@ def base_run(tmp_path_factory, tok_path, theta0):
 
 def test_cli_run_over_8_generated_problems_writes_every_output(tmp_path, base_run, capsys):
     cfg_file = tmp_path / "set.yaml"
-    cfg_file.write_text("steps: 5\nrollouts: 2\ngroups: 4\nlr: 0.01\nbenchmark_max_examples: 8\n"
+    cfg_file.write_text("steps: 5\nrollouts: 2\ngroups: 4\noptim: {lr: 0.01}\nbenchmark_max_examples: 8\n"
                         "sampling: {max_new_tokens: 6, temperature: 1.0, top_p: 1.0}\n"
                         "lora: {rank: 4, alpha: 8.0}\nreward_workers: 1\n")
     out = tmp_path / "run"

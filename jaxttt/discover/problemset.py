@@ -24,7 +24,8 @@ over examples,
 
 Q(p) the best child reward of p's expansions once p has been expanded, else its best reward;
 P(p) a rank prior over problems by best reward (N - rank, normalised; ties broken by index);
-n(p) the expansions of p, T those of the whole set; scale the reward range over every archived
+n(p) the visits of p, T those of the whole set (counted in its archives' unit: expansions,
+or rollouts for the official PUCT variant); scale the reward range over every archived
 state of the set (1 when it is 0). The state within p is then p's own PUCT choice
 (`Archive.select`), or p's seed state when reuse is off.
 """
@@ -218,11 +219,13 @@ class Pick:
 class SetArchive:
     """One `Archive` per problem (its seed state is the root) and the seed's reuse score."""
 
-    def __init__(self, seed_rewards: Sequence[float], seed_states: Sequence[str], max_size: int = 1000):
+    def __init__(self, seed_rewards: Sequence[float], seed_states: Sequence[str], max_size: int = 1000,
+                 variant: str = "handoff"):
         if len(seed_rewards) != len(seed_states) or not seed_states:
             raise ValueError("SetArchive needs one seed state and reward per problem (>= 1)")
-        self.archives = [Archive(max_size) for _ in seed_states]
+        self.archives = [Archive(max_size, variant=variant) for _ in seed_states]
         self.seed_ids = [a.add_seed(s, r) for a, s, r in zip(self.archives, seed_states, seed_rewards)]
+        self.best_child: list[float | None] = [None] * len(seed_states)  # the seed's children_best
 
     def __len__(self) -> int:
         return len(self.archives)
@@ -259,9 +262,8 @@ class SetArchive:
         T, scale, prior = self.total_expansions, self.scale(), self.priors()
         scores = []
         for p, archive in enumerate(self.archives):
-            n = archive.total_expansions
-            root = self.root(p)
-            q = root.m if n > 0 and root.m is not None else self.best_reward(p)
+            n, child = archive.total_expansions, self.best_child[p]
+            q = child if n > 0 and child is not None else self.best_reward(p)
             scores.append(q + c * scale * prior[p] * math.sqrt(1.0 + T) / (1.0 + n))
         return scores
 
@@ -276,10 +278,17 @@ class SetArchive:
             picks.append(Pick(p, node, scores[p]))
         return picks
 
-    def expand(self, pick: Pick, states: Sequence[str], rewards: Sequence[float], k: int, step: int) -> None:
-        """After sampling from a pick: PUCT statistics, then the top `k` new states."""
-        archive = self.archives[pick.problem]
-        archive.update_after_expand(pick.node.id, rewards)
+    def expand(self, pick: Pick, states: Sequence[str], rewards: Sequence[float], k: int, step: int,
+               failed: Sequence[bool] | None = None) -> None:
+        """After sampling from a pick (`failed[i]`: rollout i gave no valid state): the problem's
+        best child reward, its archive's PUCT statistics, then the top `k` new states."""
+        p = pick.problem
+        valid = [r for r, bad in zip(rewards, failed or [False] * len(rewards)) if not bad]
+        if valid:
+            best = max(valid)
+            self.best_child[p] = best if self.best_child[p] is None else max(self.best_child[p], best)
+        archive = self.archives[p]
+        archive.update_after_expand(pick.node.id, rewards, failed)
         archive.add_top_children(pick.node.id, states, rewards, k, step)
 
     def to_json(self) -> list[dict[str, Any]]:

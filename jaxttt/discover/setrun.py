@@ -58,7 +58,7 @@ from jaxttt.discover.env import EnvError
 from jaxttt.discover.loop import (Rollouts, _fresh_copy, evaluate, prompt_ids, reward_stats,
                                   rollout_records, seed_reward)
 from jaxttt.discover.problemset import Pick, ProblemSet, SetArchive, load_problem_sets, solved
-from jaxttt.discover.step import DiscoverTrainer
+from jaxttt.discover.step import DiscoverTrainer, rollout_sampling
 from jaxttt.model import lora
 from jaxttt.sampling import generate
 
@@ -104,17 +104,33 @@ class DiscoverSetConfig(DiscoverConfig):
 # --------------------------------------------------------------------------------------------
 # Sampling many prompts in one call
 # --------------------------------------------------------------------------------------------
+def encode_prompt_text(tokenizer, text: str, max_seq_len: int, max_new_tokens: int) -> list[int]:
+    """An instruct model's tokenizer (one with a chat template): `text` as the user turn of its
+    chat template, left-truncated to leave room for the answer; otherwise discover's raw-text
+    `prompt_ids`."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt_ids(tokenizer, text, max_seq_len, max_new_tokens)
+    room = max_seq_len - max_new_tokens
+    if room < 2:
+        prompt_ids(tokenizer, text, max_seq_len, max_new_tokens)  # raises naming the key
+    return tokenizer.chat_ids([{"role": "user", "content": text}])[-room:]
+
+
 def sample_groups(model: nnx.Module, tokenizer, prompts: Sequence[str], counts: Sequence[int],
-                  key: jax.Array, cfg: DiscoverConfig, *, use_lora: bool = True,
+                  key: jax.Array, cfg: DiscoverConfig, *, use_lora: bool = True, ttt: bool = False,
                   temperature: float | None = None, max_new_tokens: int | None = None,
                   max_rows: int | None = None) -> list[Rollouts]:
     """`counts[i]` actions for `prompts[i]`, batched through `generate` in calls of at most
-    `max_rows` rows; temperature 0 means greedy. One `Rollouts` per prompt (its sample_s is
-    its share of the generation time)."""
+    `max_rows` rows. Sampled like discover's `sample_rollouts`: `ttt` rollouts as
+    `cfg.rollout_policy` says, others with `cfg.sampling`; a `temperature` overrides both (0 =
+    greedy). One `Rollouts` per prompt (its sample_s: its share of the generation time)."""
     sc = cfg.sampling
-    temp = sc.temperature if temperature is None else temperature
+    how = rollout_sampling(cfg) if ttt else {"temperature": sc.temperature, "top_p": sc.top_p,
+                                             "top_k": sc.top_k, "greedy": sc.greedy}
+    if temperature is not None:
+        how = {**how, "temperature": temperature, "greedy": temperature == 0}
     max_new = max_new_tokens or sc.max_new_tokens
-    ids = [prompt_ids(tokenizer, p, model.cfg.max_seq_len, max_new) for p in prompts]
+    ids = [encode_prompt_text(tokenizer, p, model.cfg.max_seq_len, max_new) for p in prompts]
     rows = [i for i, n in enumerate(counts) for _ in range(n)]
     chunk = max_rows or len(rows)
     completions: list[list[int]] = []
@@ -123,8 +139,7 @@ def sample_groups(model: nnx.Module, tokenizer, prompts: Sequence[str], counts: 
     for c, start in enumerate(range(0, len(rows), chunk)):
         part = rows[start:start + chunk]
         out = generate(model, [ids[i] for i in part], jax.random.fold_in(key, c),
-                       max_new_tokens=max_new, temperature=temp, top_p=sc.top_p, top_k=sc.top_k,
-                       greedy=temp == 0 or sc.greedy, eos_id=tokenizer.eos_id,
+                       max_new_tokens=max_new, **how, eos_id=tokenizer.eos_id,
                        pad_id=tokenizer.pad_id, use_lora=use_lora)
         completions += out.completions()
         lengths += out.lengths.tolist()
@@ -157,7 +172,7 @@ class SetRun:
                   ",".join(cfg.lora.targets), time.perf_counter() - t0)
         seeds = [(env.initial_state(), env) for env in problems]
         rewards = [seed_reward(env, s, cfg.reward_timeout_s)[0] for s, env in seeds]
-        self.archive = SetArchive(rewards, [s for s, _ in seeds], cfg.archive_size)
+        self.archive = SetArchive(rewards, [s for s, _ in seeds], cfg.archive_size, cfg.puct_variant)
         self.initial_prompts = [env.context_from_archive(s, None) for s, env in seeds]
         self.best = list(rewards)  # per problem, best reward of the method so far
         self.best_state = [s for s, _ in seeds]
@@ -182,7 +197,7 @@ class SetRun:
         prompts = [self.problems[k.problem].context_from_archive(k.node.state, self.archive[k.problem])
                    for k in picks]
         ros = sample_groups(self.trainer.model(), self.tok, prompts, [cfg.rollouts] * len(picks),
-                            jax.random.fold_in(self.ttt_key, t), cfg)
+                            jax.random.fold_in(self.ttt_key, t), cfg, ttt=True)
         log.debug("step %d: prompt tokens %s, %d rollouts in %.2fs", t,
                   [len(r.prompt_ids) for r in ros], len(picks) * cfg.rollouts,
                   sum(r.sample_s for r in ros))
@@ -197,7 +212,8 @@ class SetRun:
         log.debug("step %d: LoRA update (θ and θ0 log-probs, one jit) %.2fs, loss %.4g, kl %.3g",
                   t, update_s, m["loss"], m["kl"])
         for k, ro in zip(picks, ros):
-            self.archive.expand(k, ro.states, ro.rewards, cfg.children_per_step, t)
+            self.archive.expand(k, ro.states, ro.rewards, cfg.children_per_step, t,
+                                [e is not None for e in ro.errors])
             self.note(k.problem, ro)
             runs.append_jsonl(self.dir / DISCOVERY_LOG, rollout_records(
                 self.problems[k.problem], ro, step=t, problem=k.problem, start_state=k.node.id))
