@@ -57,6 +57,7 @@ class Checkpointer:
             raise C.ConfigError(f"config key 'keep': expected a positive integer (checkpoints "
                                 f"kept; 0 would delete every checkpoint), got {keep}")
         self.keep = keep
+        self._failed = False  # a save failed: close() must not raise that error a second time
         self.dir = _abs(ckpt_dir) if ckpt_dir else _abs(run_dir) / CKPT_DIR
         # old steps are deleted by `_gc`, only after a new step is complete and checksummed
         opts = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
@@ -76,6 +77,7 @@ class Checkpointer:
                 self._seal(step)
                 self._gc()
         except Exception as e:  # disk full, permissions, bucket errors: stop the run here
+            self._failed = True
             last = self._last_good(before=step)
             kept = f"the last good checkpoint is step {last}" if last is not None else \
                 "no earlier checkpoint exists"
@@ -188,8 +190,12 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception:
+            if not self._failed:  # after a failed save the error was already raised once
+                raise
 
 
 def _digests(step_dir: Path) -> dict[str, str]:
