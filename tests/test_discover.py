@@ -69,8 +69,9 @@ def base_run(tmp_path_factory, tok_path, theta0):
     return run
 
 
-def _cfg(**kw) -> C.DiscoverConfig:
-    base = dict(steps=2, rollouts=4, lr=1e-2, save_every=1, reward_timeout_s=2.0,
+def _cfg(lr=1e-2, weight_decay=0.0, **kw) -> C.DiscoverConfig:
+    optim = dataclasses.replace(C.DiscoverConfig().optim, lr=lr, weight_decay=weight_decay)
+    base = dict(steps=2, rollouts=4, optim=optim, save_every=1, reward_timeout_s=2.0,
                 sampling=C.SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1.0),
                 lora=C.LoRAConfig(rank=4, alpha=8.0))
     return C.DiscoverConfig(**{**base, **kw})

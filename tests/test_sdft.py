@@ -1,4 +1,5 @@
 """SDFT update, gated continual loop, eval report and CLI on a tiny CPU model."""
+import dataclasses
 import json
 
 import jax
@@ -27,7 +28,7 @@ MODEL = C.ModelConfig(vocab_size=512, n_layers=1, d_model=64, n_heads=2, d_head=
 
 
 def _cfg(*overrides, heldout="") -> C.SDFTConfig:
-    base = ["lr=1e-3", "ema_decay=0.9", "blocks=2", "steps_per_block=2"]
+    base = ["optim.lr=1e-3", "ema_decay=0.9", "blocks=2", "steps_per_block=2"]
     held = [f"eval.heldout={heldout}"] if heldout else []
     return C.load(C.SDFTConfig, "sdft/tiny.yaml", base + held + list(overrides))
 
@@ -105,11 +106,14 @@ def test_kl_is_the_f4_aligned_full_vocabulary_kl(base_run, tok, mesh):
     batch, stats = tr.rollout(EXAMPLES[:2], jax.random.key(1))
     assert batch["s_tok"].shape[0] % 8 == 0  # padded rows for the 8-device batch axis
     assert stats["gen_len_max"] <= 16 and batch["kl_len"][2:].sum() == 0
-    loss = jax.jit(step.sdft_loss, static_argnums=0)
-    obj, aux = loss(tr.spec, 1.0, tr.trainable, tr.frozen, tr.teacher, batch)
-    assert float(aux["tokens"]) == batch["kl_len"].sum() > 0
+    loss = nnx.jit(lambda model, b, t: tr.core.loss_fn(model, b, t))
+    obj, aux = loss(tr.model(), batch, tr.teacher)
+    assert float(aux["n_tokens"]) == batch["kl_len"].sum() > 0
     assert float(obj) == pytest.approx(_naive_kl(tr, batch), rel=1e-4, abs=1e-6)
     assert float(obj) > 0  # teacher context (template + demonstration) differs from x
+    skip2 = dataclasses.replace(tr.core.loss_fn, skip_tokens=2)  # the paper code's skip, N=2
+    _, aux2 = nnx.jit(lambda model, b, t: skip2(model, b, t))(tr.model(), batch, tr.teacher)
+    assert float(aux2["n_tokens"]) == np.maximum(batch["kl_len"] - 2, 0).sum()
 
 
 def test_ema_teacher_moves_by_one_minus_tau_and_gets_no_gradient(base_run, tok, mesh):
@@ -122,10 +126,12 @@ def test_ema_teacher_moves_by_one_minus_tau_and_gets_no_gradient(base_run, tok, 
     tau = 0.9
     for t_new, t_old, s in zip(_leaves(tr.teacher), _leaves(teacher_old), _leaves(tr.trainable)):
         np.testing.assert_allclose(t_new, tau * t_old + (1 - tau) * s, rtol=1e-6, atol=1e-7)
-    def teacher_loss(t):
-        return step.sdft_loss(tr.spec, 1.0, tr.trainable, tr.frozen, t, batch)[0]
+    model = tr.model()
 
-    grads = jax.grad(teacher_loss)(tr.teacher)
+    def teacher_loss(t):
+        return tr.core.loss_fn(model, batch, t)[0]
+
+    grads = jax.jit(jax.grad(teacher_loss))(tr.teacher)
     assert all(np.all(g == 0) for g in _leaves(grads))
 
 
@@ -165,10 +171,24 @@ def test_empty_generations_give_zero_loss_and_no_update(base_run, tok, mesh, mon
     before = tr.snapshot()
     m = tr.step(EXAMPLES[:2], jax.random.key(4))
     assert m["loss"] == 0.0 and m["kl"] == 0.0 and m["tokens"] == 0.0
-    assert m["grad_norm"] == 0.0 and m["empty_frac"] == 1.0
+    assert m["grad_norm"] == 0.0 and m["empty_frac"] == 1.0 and m["skipped"] == 1.0
     _assert_trees_equal(tr.trainable, before.trainable)
     _assert_trees_equal(tr.opt_state, before.opt_state)
     _assert_trees_equal(tr.teacher, before.teacher)
+
+
+def test_a_non_finite_update_is_skipped_and_counted(base_run, tok, mesh):
+    """A NaN in the teacher makes the KL NaN: student, optimiser and teacher stay as they were."""
+    tr = _trainer(base_run, tok, mesh)
+    s_ctx, t_ctx = tr.contexts(EXAMPLES[:2])
+    batch = tr.finish(tr.sdft_batch(s_ctx, t_ctx, [[5, 6, 7], [8, 9]]), ("kl_len",))
+    tr.teacher = jax.tree.map(lambda x: x * jnp.nan, tr.teacher)
+    before = tr.snapshot()
+    m = tr.update(batch)
+    assert m["skipped"] == 1.0 and not np.isfinite(m["loss"]) and tr.core.skipped == 1
+    for a, b in ((tr.trainable, before.trainable), (tr.opt_state, before.opt_state)):
+        _assert_trees_equal(a, b)
+    assert all(np.isnan(x).all() for x in _leaves(tr.teacher))  # not moved toward the student
 
 
 def test_snapshot_restore_is_bitwise(base_run, tok, mesh):
