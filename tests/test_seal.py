@@ -290,6 +290,25 @@ def test_two_concurrent_clients(server):
         assert got[i] == [alone[i]] * 3
 
 
+def test_client_query_retries_and_raises(server):
+    from jaxttt.seal.client import TTTServerError, query
+
+    req = _payload(ITEMS[1], skip_training=True)
+    assert query(req, port=server.port) == _ask(server.port, req)
+    with pytest.raises(TTTServerError, match="lora_rank: expected an integer"):
+        query({**req, "lora_rank": -1}, port=server.port)
+    with pytest.raises(TTTServerError, match=r"no reply .*\(after 2 attempts\)"):
+        query(req, port=_free_port(), timeout_s=0.2, retries=2)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_shutdown_says_bye(server):
     assert _ask(server.port, {"cmd": "shutdown"}) == {"status": "bye"}
     server.thread.join(timeout=30)
@@ -298,7 +317,6 @@ def test_shutdown_says_bye(server):
 
 # ---- the command in its own process ----------------------------------------------------------
 def test_cli_process_serves_and_exits_zero(tok, tmp_path):
-    import socket
     import subprocess
     import sys
 
@@ -315,9 +333,7 @@ def test_cli_process_serves_and_exits_zero(tok, tmp_path):
                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert bad.stderr.startswith("jaxttt serve-ttt: error:")
-    with socket.socket() as s:  # a free port (the server binds it a moment later)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()  # the server binds it a moment later
     log = tmp_path / "log.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "jaxttt.cli", "serve-ttt", "--ckpt", str(run),
                              "--port", str(port), "--log", str(log)],
