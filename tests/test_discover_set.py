@@ -311,7 +311,6 @@ def test_hotswap_benchmark_runs_on_heldout_only(letter_run):
 def test_per_step_adapter_files_restore_identical_logits(letter_run, theta0):
     run, logits, x_BT = letter_run
     adapters = run.dir / "adapters"
-    assert json.loads((adapters / "adapter_config.json").read_text())["r"] == 4
     for t, want in logits.items():
         orbax = _on_mesh(lora.load_adapters(nnx.merge(*theta0), adapters / f"step_{t:04d}"))
         np.testing.assert_array_equal(np.asarray(_forward(orbax, x_BT)), want)
@@ -358,7 +357,10 @@ def test_cli_run_over_8_generated_problems_writes_every_output(tmp_path, base_ru
                  "benchmark_log.jsonl", "result.json"):
         assert (out / name).is_file(), name
     files = sorted(p.name for p in (out / "adapters").iterdir())
-    assert files == ["step_0002", "step_0002_adapters.safetensors"]  # checkpoint only at the end
+    assert files == ["peft", "step_0002", "step_0002_adapters.safetensors"]  # only at the end
+    assert json.loads((out / "adapters/peft/adapter_config.json").read_text())["r"] == 4
+    final = (out / "adapters/peft/adapter_model.safetensors").read_bytes()
+    assert final == (out / "adapters/step_0002_adapters.safetensors").read_bytes()
     result = json.loads((out / "result.json").read_text())
     assert [b["step"] for b in result["hotswap_benchmarks"]] == [0, 1, 2]
     assert result["config"]["rollouts"] == 4 and result["config"]["groups"] == 3

@@ -32,7 +32,8 @@ per-problem bests, the archives, config and timing (step_wall_s excludes step 1'
 Run directory (never reused): config.yaml, log.jsonl, discovery_log.jsonl, baseline_log.jsonl,
 benchmark_log.jsonl, adapters/step_XXXX/ (orbax) and adapters/step_XXXX_adapters.safetensors
 (peft keys; step_0000 = the untrained adapters, then after every `save_every`-th outer step and
-the last), adapters/adapter_config.json, result.json.
+the last), adapters/peft/ (the final adapters as a peft directory: adapter_config.json +
+adapter_model.safetensors), result.json.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ from jaxttt.discover.loop import (Rollouts, _fresh_copy, evaluate, prompt_ids, r
 from jaxttt.discover.problemset import Pick, ProblemSet, SetArchive, load_problem_sets, solved
 from jaxttt.discover.step import DiscoverTrainer, rollout_sampling
 from jaxttt.model import lora
+from jaxttt.model.export import export_peft
 from jaxttt.sampling import generate
 
 log = logging.getLogger("jaxttt.discover.set")
@@ -71,6 +73,7 @@ BASELINE_LOG = "baseline_log.jsonl"
 BENCHMARK_LOG = "benchmark_log.jsonl"
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapters"
+PEFT_DIR = "adapters/peft"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,8 +284,6 @@ class SetRun:
         model = self.trainer.model()
         lora.save_adapters(model, self.dir / rel)
         adapter_files.save_safetensors(model, self.dir / f"{rel}_adapters.safetensors")
-        if t == 0:
-            adapter_files.write_peft_config(model, self.dir / ADAPTER_DIR)
         self.last_adapter = rel
         log.debug("checkpoint: %s (orbax + safetensors)", rel)
         return rel
@@ -361,6 +362,7 @@ class SetRun:
         result = {**summary, "per_problem": per_problem, "archives": self.archive.to_json(),
                   "config": C.to_dict(self.cfg)}
         (self.dir / RESULT_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        export_peft(self.trainer.model(), self.dir / PEFT_DIR)
 
 
 def _mean(xs) -> float:
