@@ -101,8 +101,9 @@ def test_cli_train_then_eval_writes_the_method_table(base, tmp_path, capsys):
     assert m["SKIP"]["cost"] == 1.0 and m["UPDATE_4"]["cost"] == 12.0 and m["UPDATE_1"]["update_rate"] == 1
     assert m["ppo"]["cost"] <= 2.0 + 1e-9  # the hard budget holds
     assert m["oracle"]["recovery"] == pytest.approx(1.0) and m["SKIP"]["recovery"] == 0
-    f = res["flops_per_chunk_compiled"]
+    f = res["flops_per_chunk_hlo"]
     assert f["SKIP"] < f["UPDATE_1"] < f["UPDATE_2"] < f["UPDATE_4"]
+    assert f["ttt/SKIP"] < f["ttt/UPDATE_1"] < f["ttt/UPDATE_2"] < f["ttt/UPDATE_4"] < f["UPDATE_4"]
     assert res["executed_check_max_abs"] < 1e-4  # grouped execution == the table
     assert "gated" in capsys.readouterr().out
     # user mistakes: one line, nothing overwritten

@@ -23,9 +23,9 @@ N_STATIC = 26  # label-free per-chunk features (see _features, token_features); 
 SIGNAL_FEATURE = 14  # column of the mean reconstruction signal
 
 
-def _nll(graphdef, state, x_BT, y_BT, *, steps):
+def _nll(graphdef, state, x_BT, y_BT, *, steps, unroll=False):
     model = nnx.merge(graphdef, state)
-    logits_BTV, _ = model(x_BT, steps)
+    logits_BTV, _ = model(x_BT, steps, unroll=unroll)
     return -token_logprobs(logits_BTV, y_BT).mean(axis=-1)
 
 
@@ -43,11 +43,23 @@ def _entropy_stats(p_BTV):
             (top2_BT2[..., 0] - top2_BT2[..., 1]).mean(-1)]
 
 
+def _ttt_only(graphdef, state, h_BTD, *, steps):
+    """The fast-weight layer alone on trunk hidden states (what an action adds to the trunk)."""
+    return nnx.merge(graphdef, state).ttt(h_BTD, steps, unroll=True)[0]
+
+
+def _signal_h(graphdef, state, h_BTD):
+    return nnx.merge(graphdef, state).ttt.recon_signal(h_BTD).mean(axis=-1)
+
+
 def _features(graphdef, state, x_BT):
-    """[B, 22] device-side features of the chunk's inputs (no labels): confidence (4),
-    activations (6), TTT attention pattern (4), reconstruction signal (4), + 4 from tokens."""
+    return _features_h(graphdef, state, nnx.merge(graphdef, state).hidden(x_BT))
+
+
+def _features_h(graphdef, state, h_BTD):
+    """[B, 18] device-side features of the chunk's inputs (no labels): confidence (4),
+    activations (6), TTT attention pattern (4), reconstruction signal (4)."""
     model = nnx.merge(graphdef, state)
-    h_BTD = model.hidden(x_BT)
     logits_BTV, _ = model.logits_from_hidden(h_BTD, 0)
     conf = _entropy_stats(jax.nn.softmax(logits_BTV, axis=-1))
     a = jnp.abs(h_BTD)
@@ -95,7 +107,7 @@ class ChunkRunner:
 
     def __init__(self, model: PonderModel):
         self.graphdef, self.state = nnx.split(model)
-        self.vocab = model.trunk.cfg.vocab_size
+        self.vocab, self.d_model = model.trunk.cfg.vocab_size, model.trunk.cfg.d_model
         self._nll = {s: jax.jit(functools.partial(_nll, self.graphdef, steps=s)) for s in STEPS}
         self._signal = jax.jit(functools.partial(_signal, self.graphdef))
         self._features = jax.jit(functools.partial(_features, self.graphdef))
@@ -129,14 +141,23 @@ class ChunkRunner:
                               for i in range(0, len(x_CT), batch)])
         return np.concatenate([dev, token_features(x_CT, vocab, eos_id)], axis=-1)
 
-    def flops(self, batch: int, seq_len: int) -> dict[str, float]:
-        """FLOPs per chunk of each action's program (XLA's HLO cost analysis of what it runs)."""
-        spec = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    def flops(self, batch: int, seq_len: int, d_model: int) -> dict[str, float]:
+        """FLOPs per chunk from XLA's HLO cost analysis of each program (lowered, not compiled,
+        with the mini-batch scan unrolled: the analysis counts a loop body only once):
+        ACTIONS: the whole chunk program (trunk + TTT + unembedding + loss); ttt/<action>: the
+        fast-weight layer alone; signal, features: the gate's and the policy's decision
+        programs on the trunk's hidden states (the overhead on top of the action)."""
+        x = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+        h = jax.ShapeDtypeStruct((batch, seq_len, d_model), jnp.float32)
+        progs = [(a, jax.jit(functools.partial(_nll, self.graphdef, steps=s, unroll=True)), (x, x))
+                 for a, s in zip(ACTIONS, STEPS)]
+        progs += [(f"ttt/{a}", jax.jit(functools.partial(_ttt_only, self.graphdef, steps=s)), (h,))
+                  for a, s in zip(ACTIONS, STEPS)]
+        progs += [("signal", jax.jit(functools.partial(_signal_h, self.graphdef)), (h,)),
+                  ("features", jax.jit(functools.partial(_features_h, self.graphdef)), (h,))]
         out = {}
-        for name, fn, args in ([(a, self._nll[s], (spec, spec)) for a, s in zip(ACTIONS, STEPS)]
-                               + [("signal", self._signal, (spec,)),
-                                  ("features", self._features, (spec,))]):
-            cost = fn.lower(self.state, *args).cost_analysis()  # HLO cost analysis, no compile
+        for name, fn, args in progs:
+            cost = fn.lower(self.state, *args).cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             out[name] = float(cost.get("flops", float("nan"))) / batch
         return out
@@ -145,13 +166,12 @@ class ChunkRunner:
 def analytic_ttt_flops(d_model: int, n_heads: int, d_head: int, mini_batch: int, steps: int) -> float:
     """Matmul FLOPs per token of the TTT layer (2 per multiply-add), by hand.
 
-    Projections q,k,v,o and the lr gate: 2*D*(4HK + H). Read-out q W: 2HK^2. Each update step:
-    k W (2HK^2), the weight update k^T g (2HK^2); the causal dual form adds q k^T and two
-    [M,M]x[M,K] products (about 3*M*K per token and head, counting the full M x M blocks).
+    SKIP reads out only: q and o projections 2*D*2HK and q W0 2HK^2. An update adds the k, v
+    projections and the lr gate 2*D*(2HK + H), the causal dual form (q k^T and two [M,M]x[M,K]
+    products: 6MK per token and head) and per inner step k W plus k^T g (4HK^2).
     """
     D, H, K, M = d_model, n_heads, d_head, mini_batch
-    base = 2 * D * (4 * H * K + H) + 2 * H * K * K
+    read = 2 * D * 2 * H * K + 2 * H * K * K
     if steps == 0:
-        return float(base)
-    dual = 2 * H * (3 * M * K)
-    return float(base + dual + steps * 2 * (2 * H * K * K))
+        return float(read)
+    return float(read + 2 * D * (2 * H * K + H) + 6 * H * M * K + steps * 4 * H * K * K)

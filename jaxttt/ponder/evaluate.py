@@ -60,7 +60,7 @@ def evaluate_seed(runner: ChunkRunner, tokenizer, tcfg: PonderTrainConfig, ecfg:
     executed = runner.run(x, y, actions["gated"])
     check = float(np.max(np.abs(executed - losses[np.arange(len(x)), actions["gated"]])))
     return {"actions": actions, "losses": losses, "executed_check": check,
-            "flops": runner.flops(B, T)}
+            "flops": runner.flops(B, T, runner.d_model)}
 
 
 def summarise(seeds: list[dict], ecfg: PonderEvalConfig, *, ttt_dims: dict) -> dict:
@@ -74,7 +74,7 @@ def summarise(seeds: list[dict], ecfg: PonderEvalConfig, *, ttt_dims: dict) -> d
         lo, hi = stats.bootstrap_ci(nll, n=ecfg.bootstrap, seed=0)
         cost = [float(np.mean(np.asarray(NOMINAL_COST)[ac])) for ac in acts]
         fl = [float(np.mean([flops[ACTIONS[i]] for i in ac]) + flops.get(OVERHEAD.get(m, ""), 0.0))
-              for ac in acts]
+              for ac in acts]  # the executed action's program + the decision program
         per[m] = {"loss": float(np.mean(seed_loss)), "loss_ci95": [lo, hi],
                   "loss_iqm": stats.iqm(seed_loss), "loss_per_seed": seed_loss,
                   "ppl": math.exp(float(np.mean(seed_loss))),
@@ -90,7 +90,7 @@ def summarise(seeds: list[dict], ecfg: PonderEvalConfig, *, ttt_dims: dict) -> d
         finite = [r for r in rec if np.isfinite(r)]
         per[m]["recovery_iqm"] = stats.iqm(finite) if finite else float("nan")
     analytic = {a: analytic_ttt_flops(**ttt_dims, steps=s) for a, s in zip(ACTIONS, STEPS)}
-    return {"methods": per, "flops_per_chunk_compiled": flops,
+    return {"methods": per, "flops_per_chunk_hlo": flops,
             "ttt_flops_per_token_analytic": analytic,
             "nominal_cost": dict(zip(ACTIONS, NOMINAL_COST)),
             "target_rate": ecfg.target_rate, "budget": ecfg.budget,

@@ -29,13 +29,13 @@ class PonderModel(nnx.Module):
     def hidden(self, tokens_BT) -> jax.Array:
         return self.trunk.hidden(tokens_BT, use_lora=False).astype(jnp.float32)
 
-    def logits_from_hidden(self, h_BTD, steps: int):
+    def logits_from_hidden(self, h_BTD, steps: int, *, unroll: bool = False):
         """(logits [B,T,V], recon [B,T] or None) with `steps` inner updates per mini-batch."""
-        y_BTD, recon_BT = self.ttt(h_BTD, steps)
+        y_BTD, recon_BT = self.ttt(h_BTD, steps, unroll=unroll)
         return self.trunk.unembed(h_BTD + y_BTD), recon_BT
 
-    def __call__(self, tokens_BT, steps: int):
-        return self.logits_from_hidden(self.hidden(tokens_BT), steps)
+    def __call__(self, tokens_BT, steps: int, *, unroll: bool = False):
+        return self.logits_from_hidden(self.hidden(tokens_BT), steps, unroll=unroll)
 
     def from_embeddings(self, x_BTD, steps: int):
         """Logits from input embeddings (gradient checks of causality through trunk and TTT)."""

@@ -71,13 +71,15 @@ def mini_batch_step(state, inputs, *, steps: int, scale_K, bias_K):
     return (W_KK, b_K), (out_MK, loss_M)
 
 
-def head_sequence(q_JMK, k_JMK, v_JMK, eta_JMM, W_KK, b_K, scale_K, bias_K, *, steps: int):
+def head_sequence(q_JMK, k_JMK, v_JMK, eta_JMM, W_KK, b_K, scale_K, bias_K, *, steps: int,
+                  unroll: bool = False):
     """All mini-batches of one head of one sequence: (z [J,M,K], recon loss at W_j [J,M])."""
     if steps == 0:
         z_JMK = q_JMK @ W_KK + b_K
         return q_JMK + layer_norm(z_JMK, scale_K, bias_K), None
     step = lambda s, x: mini_batch_step(s, x, steps=steps, scale_K=scale_K, bias_K=bias_K)  # noqa: E731
-    _, (z_JMK, loss_JM) = jax.lax.scan(step, (W_KK, b_K), (q_JMK, k_JMK, v_JMK, eta_JMM))
+    _, (z_JMK, loss_JM) = jax.lax.scan(step, (W_KK, b_K), (q_JMK, k_JMK, v_JMK, eta_JMM),
+                                       unroll=unroll)
     return z_JMK, loss_JM
 
 
@@ -123,11 +125,14 @@ class TTTLinear(nnx.Module):
         return heads(self.wq), heads(self.wk), heads(self.wv), eta_BHJMM
 
     # ------------------------------------------------------------------ forward
-    def fast(self, x_BTD, steps: int):
-        """The fast-weight outputs z [B,T,H*K] and the per-token recon loss [B,T] (None if SKIP)."""
+    def fast(self, x_BTD, steps: int, *, unroll: bool = False):
+        """The fast-weight outputs z [B,T,H*K] and the per-token recon loss [B,T] (None if SKIP).
+
+        `unroll` unrolls the scan over mini-batches (same maths; XLA's cost analysis counts a
+        loop body once, so FLOP counts are read from the unrolled program)."""
         q, k, v, eta = self.projections(x_BTD)
         B, H, J, M, K = q.shape
-        per_head = jax.vmap(lambda *a: head_sequence(*a, steps=steps))  # over heads
+        per_head = jax.vmap(lambda *a: head_sequence(*a, steps=steps, unroll=unroll))  # heads
         per_seq = jax.vmap(per_head, in_axes=(0, 0, 0, 0, None, None, None, None))  # over batch
         z_BHJMK, loss_BHJM = per_seq(q, k, v, eta, self.w0[...], self.b0[...],
                                      self.ttt_scale[...], self.ttt_bias[...])
@@ -135,8 +140,8 @@ class TTTLinear(nnx.Module):
         recon_BT = None if loss_BHJM is None else loss_BHJM.mean(axis=1).reshape(B, J * M)
         return z_BTF, recon_BT
 
-    def __call__(self, x_BTD, steps: int):
-        z_BTF, recon_BT = self.fast(x_BTD, steps)
+    def __call__(self, x_BTD, steps: int, *, unroll: bool = False):
+        z_BTF, recon_BT = self.fast(x_BTD, steps, unroll=unroll)
         z_BTF = layer_norm(z_BTF, self.post_scale[...], self.post_bias[...])
         H, K = self.n_heads, self.d_head
         y_BTD = jnp.einsum("btf,fd->btd", z_BTF, self.wo[...].reshape(H * K, -1))
