@@ -13,6 +13,7 @@ Every command goes through here, so each of these exists once:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -77,10 +78,9 @@ def save_run_config(cfg, run_dir: str | Path, name: str = CONFIG_YAML) -> Path:
     data = C.to_dict(cfg)
     if "run_dir" in data:
         data["run_dir"] = ""
-    if data.get("ckpt_dir") and "://" not in data["ckpt_dir"]:
+    if data.get("ckpt_dir") and "://" not in data["ckpt_dir"]:  # inside: relative; else absolute
         ckpt = Path(data["ckpt_dir"]).absolute()
-        if ckpt.is_relative_to(run):
-            data["ckpt_dir"] = str(ckpt.relative_to(run))
+        data["ckpt_dir"] = str(ckpt.relative_to(run) if ckpt.is_relative_to(run) else ckpt)
     path = run / name
     C.write_yaml(data, path)
     return path
@@ -99,8 +99,6 @@ def config_for_resume(cfg, config_path: str | Path | None):
 
     An explicit `run_dir=` override wins; a relative `ckpt_dir` is relative to the run.
     """
-    import dataclasses
-
     run = run_dir_of_config(config_path) if config_path else None
     if run is None or not hasattr(cfg, "run_dir"):
         return cfg
