@@ -258,9 +258,16 @@ def test_load_run_gives_model_tokenizer_meta(run4):
 # --------------------------------------------------------------------------------------------
 # One-line CLI errors (real processes)
 # --------------------------------------------------------------------------------------------
-def _jaxttt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jaxttt.cli", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=300, env={**os.environ, **(env or {})})
+def _jaxttt(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """`jaxttt ARGS` started in a real process (the cases run side by side)."""
+    return subprocess.Popen([sys.executable, "-m", "jaxttt.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, **(env or {})})
+
+
+def _done(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, command: str, *needles: str) -> None:
@@ -275,16 +282,18 @@ def _one_line_error(proc: subprocess.CompletedProcess, command: str, *needles: s
 
 def test_cli_mistakes_are_one_line(run4, tmp_path):
     run4 = run4[0]
-    _one_line_error(_jaxttt("discover", "--ckpt", str(tmp_path / "missing"), "--out",
-                            str(tmp_path / "o1")), "discover", "missing", "no such run directory")
-    _one_line_error(_jaxttt("pretrain", "optim.b2=1.5"), "pretrain",
-                    "optim.b2=1.5", "[0, 1)")
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: 3\noptim: {lr: 1e-3\n")
-    _one_line_error(_jaxttt("pretrain", "--config", str(bad)), "pretrain", f"{bad}:", "YAML")
-    _one_line_error(_jaxttt("discover", "--ckpt", str(run4), "--out", str(tmp_path / "o2"),
-                            "--env", "no_such_env", "--steps", "1"), "discover", "no_such_env")
-    _one_line_error(_jaxttt("pretrain", "steps=1", env={"JAXTTT_CACHE": ""}), "pretrain",
-                    "JAXTTT_CACHE")
-    usage = _jaxttt("pretrain", "--no-such-flag")
+    cases = [  # (process, command, what the one line must name)
+        (_jaxttt("discover", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")),
+         "discover", ("missing", "no such run directory")),
+        (_jaxttt("pretrain", "optim.b2=1.5"), "pretrain", ("optim.b2=1.5", "[0, 1)")),
+        (_jaxttt("pretrain", "--config", str(bad)), "pretrain", (f"{bad}:", "YAML")),
+        (_jaxttt("discover", "--ckpt", str(run4), "--out", str(tmp_path / "o2"), "--env",
+                 "no_such_env", "--steps", "1"), "discover", ("no_such_env",)),
+        (_jaxttt("pretrain", "steps=1", env={"JAXTTT_CACHE": ""}), "pretrain", ("JAXTTT_CACHE",)),
+    ]
+    usage = _done(_jaxttt("pretrain", "--no-such-flag"))
+    for proc, command, needles in cases:
+        _one_line_error(_done(proc), command, *needles)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "--no-such-flag" in usage.stderr
