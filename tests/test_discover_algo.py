@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from jaxttt.discover.archive import Archive
-from jaxttt.discover.objective import (group_advantages, grouped_reinforce_loss, kl_to_uniform,
+from jaxttt.discover.objective import (BETA_MAX, group_advantages, grouped_reinforce_loss, kl_to_uniform,
                                        loo_advantages, reinforce_loss, shaped_advantages,
                                        solve_beta)
+from jaxttt.discover.step import row_weights, sampler_logprobs, shaped_reinforce_loss
 
 LN2 = math.log(2.0)
 REWARDS = np.array([0.1, 0.5, 0.3, 0.9, 0.2, 0.2, 0.7, 0.4], np.float32)
@@ -47,7 +48,7 @@ def test_beta_hits_target_kl(gamma):
 
 def test_beta_max_when_unreachable():
     # sup_beta KL(q_beta||u) = log N (a unique best reward): gamma above it cannot be reached.
-    assert float(solve_beta(REWARDS, math.log(len(REWARDS)) + 0.1)) == pytest.approx(1e3)
+    assert float(solve_beta(REWARDS, math.log(len(REWARDS)) + 0.1)) == pytest.approx(BETA_MAX)
     assert float(solve_beta(REWARDS, 10.0, beta_max=50.0)) == pytest.approx(50.0)
 
 
@@ -151,6 +152,77 @@ def test_grouped_drops_equal_groups_and_matches_single_group():
     none_valid = jnp.zeros(3, bool)
     assert float(loss(p0, none_valid)) == 0.0
     assert np.all(np.asarray(jax.grad(loss)(p0, none_valid)) == 0.0)
+
+
+# ---- the update's per-row, per-token loss ----------------------------------------------------
+def _token_case(seed=3):
+    """G=2 groups x N=3 actions of ragged lengths, plus 2 mesh-padding rows; per-token logp."""
+    rng = np.random.default_rng(seed)
+    R, W = 8, 5
+    mask_RW = (np.arange(W)[None, :] < np.array([2, 5, 3, 1, 4, 2, 0, 0])[:, None]).astype(np.float32)
+    theta_RW = jnp.asarray(-rng.random((R, W)) * 3, jnp.float32)
+    base_RW = jnp.asarray(-rng.random((R, W)) * 3, jnp.float32)
+    rewards_GN = jnp.asarray(rng.random((2, 3)), jnp.float32)
+    adv = group_advantages(rewards_GN, LN2)
+    rows = row_weights(adv, R)
+    return theta_RW, base_RW, jnp.asarray(mask_RW), adv, rows
+
+
+def test_sequence_shaping_equals_the_grouped_reinforce_loss():
+    """Per-row weights 1/(G·N) with sequence shaping == grouped_reinforce_loss, value and gradient."""
+    theta_RW, base_RW, mask_RW, adv, rows = _token_case()
+
+    def per_row(t):
+        return shaped_reinforce_loss(t, base_RW, mask_RW, rows["adv"], rows["weight"], 0.3)[0]
+
+    def grouped(t):
+        seq_GN = jnp.sum(t * mask_RW, -1)[:6].reshape(2, 3)
+        base_GN = jnp.sum(base_RW * mask_RW, -1)[:6].reshape(2, 3)
+        return grouped_reinforce_loss(seq_GN, base_GN, adv.A_GN, adv.valid_G, 0.3)
+
+    np.testing.assert_allclose(per_row(theta_RW), grouped(theta_RW), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(per_row)(theta_RW), jax.grad(grouped)(theta_RW),
+                               rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(jax.grad(per_row)(theta_RW))[6:] == 0.0)  # padding rows
+
+
+def test_per_token_centered_shaping():
+    """Token t's weight is A − λ(r_t − r̄): λ = 0 gives the sequence loss; a log-ratio shifted by
+    the same constant on every token changes nothing; the gradient is Σ_t Â_t ∇ log π_t."""
+    theta_RW, base_RW, mask_RW, _, rows = _token_case()
+
+    def loss(t, base, lam, shaping):
+        return shaped_reinforce_loss(t, base, mask_RW, rows["adv"], rows["weight"], lam, shaping)[0]
+
+    np.testing.assert_allclose(loss(theta_RW, base_RW, 0.0, "per_token_centered"),
+                               loss(theta_RW, base_RW, 0.0, "sequence"), rtol=1e-6)
+    np.testing.assert_allclose(loss(theta_RW, base_RW, 0.5, "per_token_centered"),
+                               loss(theta_RW, base_RW + 0.7, 0.5, "per_token_centered"), rtol=1e-5)
+    g = jax.grad(loss)(theta_RW, base_RW, 0.5, "per_token_centered")
+    r_RW = np.asarray((theta_RW - base_RW) * mask_RW)
+    live = np.asarray(mask_RW) * (rows["weight"] > 0)[:, None]
+    r_bar = (r_RW * live).sum() / live.sum()
+    want = -rows["weight"][:, None] * (rows["adv"][:, None] - 0.5 * (r_RW - r_bar)) * np.asarray(mask_RW)
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+
+
+def test_importance_weights_are_truncated_ratios():
+    theta_RW, base_RW, mask_RW, _, rows = _token_case()
+
+    def loss(log_q):
+        return shaped_reinforce_loss(theta_RW, base_RW, mask_RW, rows["adv"], rows["weight"], 0.0,
+                                     log_q_RW=log_q)[0]
+
+    plain = shaped_reinforce_loss(theta_RW, base_RW, mask_RW, rows["adv"], rows["weight"], 0.0)[0]
+    np.testing.assert_allclose(loss(theta_RW), plain, rtol=1e-6)  # q = π: weight 1
+    half = loss(theta_RW + jnp.log(2.0) / mask_RW.sum(-1, keepdims=True).clip(1))  # q(a) = 2π(a)
+    np.testing.assert_allclose(half, 0.5 * plain, rtol=1e-5)
+    np.testing.assert_allclose(loss(theta_RW - 5.0), plain, rtol=1e-6)  # π/q > 1 is clipped at 1
+    # the truncated sampler's log q: tokens outside the nucleus are never drawn (log q ~ -69)
+    logits = jnp.log(jnp.asarray([[[0.6, 0.3, 0.1]]]))
+    lq = sampler_logprobs(logits, jnp.asarray([[0]]), 1.0, 0.8, 0)
+    np.testing.assert_allclose(lq, np.log(0.6 / 0.9), rtol=1e-5)
+    assert float(sampler_logprobs(logits, jnp.asarray([[2]]), 1.0, 0.8, 0)[0, 0]) < -60
 
 
 # ---- archive + PUCT ----------------------------------------------------------------------
