@@ -141,7 +141,7 @@ def test_consolidate_end_to_end_through_the_cli(runs, base_run, data, tmp_path, 
     out = tmp_path / "continual" / "sdft_001"
     argv = ["consolidate", "--discoveries", *map(str, runs), "--ckpt", str(base_run),
             "--out", str(out), "--min-reward", "0.5", "--config", "sdft/tiny.yaml",
-            "--no-progress", "--", f"eval.heldout={data['val']}", "blocks=1", "lr=1e-3",
+            "--no-progress", "--", f"eval.heldout={data['val']}", "blocks=1", "optim.lr=1e-3",
             "gate.max_ppl_increase=10", "gate.max_probe_drop=1"]
     assert cli.main(argv) == 0
 
