@@ -277,10 +277,8 @@ class GGUFSource:
         return self.cfg
 
     def shape(self, name):
-        return tuple(int(s) for s in reversed(self.tensors_shape(self._hf[name])))
-
-    def tensors_shape(self, gname):
-        return self.tensors[gname].shape  # GGML order: fastest axis first
+        # GGML lists dimensions fastest-first: reversed, it is the Hugging Face [out, in]
+        return tuple(int(s) for s in reversed(self.tensors[self._hf[name]].shape))
 
     def get(self, name):
         import gguf
