@@ -116,6 +116,7 @@ def _verbose_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # once, even when the root logger has a handler
 
 
 def _discover_set(args: argparse.Namespace) -> int:

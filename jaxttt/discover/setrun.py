@@ -313,7 +313,7 @@ class SetRun:
 
     def baseline_step(self, t: int) -> dict[str, Any]:
         """As many θ0 samples as the method drew this step, round-robin over the set."""
-        P, budget = len(self.problems), self.records_budget()
+        P, budget = len(self.problems), self.step_budget()
         order = [(self.baseline_next + i) % P for i in range(budget)]
         self.baseline_next = (self.baseline_next + budget) % P
         counts = collections.Counter(order)
@@ -329,7 +329,7 @@ class SetRun:
         return {"baseline_best_accuracy_so_far": self.accuracy(self.baseline_best),
                 "baseline_samples": self.baseline_samples}
 
-    def records_budget(self) -> int:
+    def step_budget(self) -> int:
         """Samples the method drew in the current step."""
         return min(self.cfg.groups, len(self.problems)) * self.cfg.rollouts
 
