@@ -135,6 +135,14 @@ def test_user_problem_set_plugin(tmp_path):
         load_problem_sets("jaxttt.discover.problemset:solved", {})
 
 
+def test_humaneval_problem_set_slices_tasks():
+    train, held = load_problem_sets("humaneval", {"max_examples": 2, "timeout_s": 3.0}, n_heldout=1)
+    assert [p.task.task_id for p in train] == ["HumanEval/0", "HumanEval/1"]
+    assert [p.task.task_id for p in held] == ["HumanEval/2"] and held[0].options["timeout_s"] == 3.0
+    with pytest.raises(EnvError, match="mbpp problem set: .*sanitized MBPP JSON"):
+        load_problem_sets("mbpp", {})
+
+
 # ---- the reuse score ---------------------------------------------------------------------------
 def _hand_archive(variant: str = "handoff") -> SetArchive:
     """p0: expanded twice (children 0.2, 0.5); p1: seed 0.3, never expanded; p2: expanded

