@@ -26,6 +26,18 @@ SMALL = ["chunk_len=32", "ttt.mini_batch=8", "ttt.n_heads=2", "batch_size=8", "l
          "optim.warmup_steps=0", "train_actions=[1,2]", "steps=6", "save_every=3"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """`ponder` commands turn on the persistent XLA cache under $JAXTTT_CACHE: keep it private
+    to this module and put the global setting back afterwards."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("JAXTTT_CACHE", str(tmp_path_factory.mktemp("jaxttt_cache")))
+    old = jax.config.jax_compilation_cache_dir
+    yield
+    jax.config.update("jax_compilation_cache_dir", old)
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
     """A tokenizer, train/val packs of some of this repository's Python source, and a random

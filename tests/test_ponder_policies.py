@@ -122,3 +122,11 @@ def test_episode_state_is_32d_and_the_budget_mask_is_hard():
         a = np.array([np.flatnonzero(m).max() for m in mask])  # greediest allowed action
         spent += env.act(a)[1]
     assert np.all(spent <= 2.0 * L + 1e-6) and np.all(spent >= 2.0 * L - 11)
+
+
+def test_paired_bootstrap_is_tighter_than_unpaired_on_correlated_columns():
+    rng = np.random.default_rng(1)
+    base = [rng.normal(4.0, 1.0, 300) for _ in range(3)]
+    cols = [np.stack([b, b - 0.02 + rng.normal(0, 0.01, b.shape)], -1) for b in base]
+    lo, hi = stats.paired_bootstrap_ci(cols, lambda v: v[1] - v[0], n=400)
+    assert lo < -0.02 < hi and hi - lo < 0.01

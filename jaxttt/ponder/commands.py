@@ -78,6 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
         seeds.append(E.evaluate_seed(runner, tok, tcfg, ecfg, seed=seed, block=block))
     summary = E.summarise(seeds, ecfg, ttt_dims=dims)
     E.pareto_plot(summary, out / "pareto.png")
+    E.write_tables(seeds, out)
     path = E.write_results(summary, out, {"runs": [str(r) for r, _, _ in plan],
                                           "eval_config": C.to_dict(ecfg),
                                           "chunk_len": tcfg.chunk_len})
@@ -87,10 +88,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _print_table(summary: dict) -> None:
-    print(f"{'method':12s} {'loss':>8s} {'95% CI':>17s} {'ppl':>8s} {'rate':>6s} {'cost':>6s} "
-          f"{'MFLOP/chunk':>12s} {'recovery':>9s}")
+    print(f"{'method':12s} {'loss':>7s} {'- SKIP [paired 95% CI]':>27s} {'ppl':>6s} {'rate':>5s} "
+          f"{'cost':>5s} {'MFLOP/chunk':>11s} {'recovery [95% CI]':>22s}")
     for m, r in summary["methods"].items():
-        lo, hi = r["loss_ci95"]
-        print(f"{m:12s} {r['loss']:8.4f} [{lo:7.4f},{hi:7.4f}] {r['ppl']:8.2f} "
-              f"{r['update_rate']:6.2f} {r['cost']:6.2f} {r['flops_per_chunk'] / 1e6:12.2f} "
-              f"{r['recovery']:9.3f}")
+        (lo, hi), (rlo, rhi) = r["delta_vs_skip_ci95"], r["recovery_ci95"]
+        print(f"{m:12s} {r['loss']:7.4f} {r['delta_vs_skip']:+8.4f} [{lo:+8.4f},{hi:+8.4f}] "
+              f"{r['ppl']:6.2f} {r['update_rate']:5.2f} {r['cost']:5.2f} "
+              f"{r['flops_per_chunk'] / 1e6:11.2f} {r['recovery']:6.3f} [{rlo:6.3f},{rhi:6.3f}]")

@@ -60,7 +60,7 @@ class PonderTrainConfig:
 class PonderEvalConfig:
     val: str = ""  # packed .bin; empty = held-out split of the default corpus (trunk tokenizer)
     train: str = ""  # chunks the PPO policy learns on; empty = the default corpus' train split
-    chunks: int = 256  # held-out chunks scored per seed (consecutive windows of the stream)
+    chunks: int = 224  # held-out chunks scored per seed (consecutive windows of the stream)
     train_chunks: int = 512  # chunks in the PPO training table
     batch_size: int = 16
     budget: float = 2.0  # mean nominal cost per chunk (SKIP = 1); sets the gates' target rate

@@ -82,6 +82,17 @@ def summarise(seeds: list[dict], ecfg: PonderEvalConfig, *, ttt_dims: dict) -> d
                   "action_freq": {ACTIONS[i]: float(np.mean([(ac == i).mean() for ac in acts]))
                                   for i in range(len(ACTIONS))},
                   "cost": float(np.mean(cost)), "flops_per_chunk": float(np.mean(fl))}
+    skip = [s["losses"][:, 0] for s in seeds]
+    orc = [s["losses"][np.arange(len(s["actions"]["oracle"])), s["actions"]["oracle"]] for s in seeds]
+    for m in METHODS:  # paired over chunks: the differences are far tighter than the losses
+        nll = [s["losses"][np.arange(len(s["actions"][m])), s["actions"][m]] for s in seeds]
+        cols = [np.stack([a, b, c], -1) for a, b, c in zip(skip, nll, orc)]
+        per[m]["delta_vs_skip"] = float(np.mean([b.mean() - a.mean() for a, b in zip(skip, nll)]))
+        per[m]["delta_vs_skip_ci95"] = list(stats.paired_bootstrap_ci(
+            cols, lambda v: v[1] - v[0], n=ecfg.bootstrap))
+        per[m]["recovery_ci95"] = list(stats.paired_bootstrap_ci(
+            cols, lambda v: (v[0] - v[1]) / (v[0] - v[2]) if v[0] > v[2] else np.nan,
+            n=ecfg.bootstrap))
     for m in METHODS:
         rec = [stats.recovery(per["SKIP"]["loss_per_seed"][i], per[m]["loss_per_seed"][i],
                               per["oracle"]["loss_per_seed"][i]) for i in range(len(seeds))]
@@ -108,20 +119,32 @@ def pareto_plot(summary: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     names = list(summary["methods"])
     cost = [summary["methods"][m]["cost"] for m in names]
-    loss = [summary["methods"][m]["loss"] for m in names]
-    err = np.array([[l - summary["methods"][m]["loss_ci95"][0],
-                     summary["methods"][m]["loss_ci95"][1] - l] for m, l in zip(names, loss)]).T
+    loss = [summary["methods"][m]["delta_vs_skip"] for m in names]
+    err = np.array([[l - summary["methods"][m]["delta_vs_skip_ci95"][0],
+                     summary["methods"][m]["delta_vs_skip_ci95"][1] - l]
+                    for m, l in zip(names, loss)]).T
     front = set(stats.pareto_front(cost, loss))
     for i, m in enumerate(names):
         ax.errorbar(cost[i], loss[i], yerr=err[:, i:i + 1], fmt="o" if i in front else "x",
                     capsize=3, label=m)
-        ax.annotate(m, (cost[i], loss[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(m, (cost[i], loss[i]), fontsize=7, xytext=(5, 4 - 9 * (i % 3)),
+                    textcoords="offset points")
     ax.set_xlabel("mean nominal cost per chunk (x one forward; SKIP = 1)")
-    ax.set_ylabel("held-out loss (nats / token)")
-    ax.set_title(f"PonderTTT cost vs loss ({summary['seeds']} seeds, 95% CI; o = Pareto front)",
+    ax.set_ylabel("held-out loss - SKIP loss (nats / token)")
+    ax.set_title(f"PonderTTT cost vs loss ({summary['seeds']} seeds, paired 95% CI; "
+                 "o = Pareto front)",
                  fontsize=9)
     ax.grid(alpha=0.3)
     return save(fig, path)
+
+
+def write_tables(seeds: list[dict], out: Path) -> Path:
+    """Per seed: the [C, A] loss table and every method's actions (to recompute anything)."""
+    arrays = {f"seed{i}/losses": s["losses"] for i, s in enumerate(seeds)}
+    arrays.update({f"seed{i}/actions/{m}": a for i, s in enumerate(seeds)
+                   for m, a in s["actions"].items()})
+    np.savez_compressed(out / "tables.npz", **arrays)
+    return out / "tables.npz"
 
 
 def write_results(summary: dict, out: Path, extra: dict) -> Path:

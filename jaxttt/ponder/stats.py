@@ -36,6 +36,22 @@ def bootstrap_ci(per_seed_chunks: list[np.ndarray], stat=np.mean, *, n: int = 20
     return float(np.quantile(out, a)), float(np.quantile(out, 1 - a))
 
 
+def paired_bootstrap_ci(per_seed_cols: list[np.ndarray], fn, *, n: int = 2000, seed: int = 0,
+                        level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of fn(mean over seeds of the column means) where each seed's [C, k] array
+    is resampled by chunk (the same rows for all k columns: paired) and seeds are resampled."""
+    rng = np.random.default_rng(seed)
+    S = len(per_seed_cols)
+    out = np.empty(n)
+    for i in range(n):
+        seeds = rng.integers(0, S, S) if S > 1 else np.zeros(1, int)
+        means = [per_seed_cols[s][rng.integers(0, len(per_seed_cols[s]), len(per_seed_cols[s]))]
+                 .mean(0) for s in seeds]
+        out[i] = fn(np.mean(means, axis=0))
+    a = (1 - level) / 2
+    return float(np.nanquantile(out, a)), float(np.nanquantile(out, 1 - a))
+
+
 def pareto_front(costs, losses) -> list[int]:
     """Indices of the points no other point beats on both cost and loss (lower is better)."""
     pts = list(zip(costs, losses))
