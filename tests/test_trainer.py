@@ -21,8 +21,8 @@ from jaxttt.model.transformer import Transformer, cross_entropy, tied_unembed
 from jaxttt.train.trainer import (ADAPTERS, BASE_PARAMS, Trainer, decay_mask, lr_schedule,
                                   update_count, warmup_steps)
 
-TINY = ["n_layers=2", "d_model=64", "n_heads=2", "d_head=32", "d_ff=128", "vocab_size=64",
-        "max_seq_len=64", "mhc.sinkhorn_iters=4"]
+TINY = ["n_layers=1", "d_model=32", "n_heads=2", "d_head=16", "d_ff=64", "vocab_size=64",
+        "max_seq_len=64", "mhc.mode=none"]
 OPTIM = C.OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant")
 
 
@@ -79,7 +79,7 @@ def test_schedules_warmup_and_cap():
 
 
 def test_decay_mask_skips_norms_and_mhc_gates():
-    model = nnx.eval_shape(lambda: tiny_model())
+    model = nnx.eval_shape(lambda: tiny_model("mhc.mode=mhc"))
     _, params = nnx.split(model, nnx.Param)
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): bool(v)
             for path, v in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]}
@@ -109,7 +109,7 @@ def test_accumulation_equals_one_big_batch():
     for loss_fn, reduction, extra in ((lm_loss, "mean", {}),
                                       (lm_sum_loss, "sum", {"mask": mask})):
         for A in (1, 2):
-            model = tiny_model("mhc.mode=none", "n_layers=1")
+            model = tiny_model()
             tr = Trainer(model, loss_fn, OPTIM, mesh=mesh8(), total_steps=10, grad_accum=A,
                          reduction=reduction)
             m = tr.step({**batch, **extra})
