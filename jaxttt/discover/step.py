@@ -204,7 +204,8 @@ class DiscoverTrainer:
     def update(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                rewards_GN: np.ndarray) -> dict[str, Any]:
         """One update on G groups of N actions (rows in group-major order)."""
-        rewards_GN = np.asarray(rewards_GN, np.float32)
+        with np.errstate(over="ignore"):  # a reward beyond float32 becomes inf: skipped below
+            rewards_GN = np.asarray(rewards_GN, np.float32)
         _check_rows(rewards_GN, prompts, completions)
         adv = self.advantages(rewards_GN)
         width = batch_width(max(map(len, prompts)), self.cfg.sampling.max_new_tokens,
