@@ -19,7 +19,8 @@ from jaxttt.data.packing import ensure_default_data
 from jaxttt.data.tokenizer import Tokenizer
 from jaxttt.discover.env import DiscoveryEnv
 from jaxttt.discover.loop import RunDirError, run_discover
-from jaxttt.discover.step import DiscoverTrainer, build_batch, masked_logprob_sums
+from jaxttt.discover.step import (DiscoverTrainer, build_batch, make_loss, masked_logprob_sums,
+                                  rollout_sampling)
 from jaxttt.model import lora
 from jaxttt.model.transformer import Transformer
 from jaxttt.sharding import make_mesh
@@ -145,6 +146,28 @@ def test_equal_rewards_give_zero_gradient_and_no_update(theta0):
     assert not m["updated"] and m["n_valid_groups"] == 0
     assert m["loss"] == 0.0 and m["grad_norm"] == 0.0  # exactly zero, KL term included
     assert all(_leaves_equal(adapters, tr.lora)) and all(_leaves_equal(opt, tr.opt_state))
+
+
+def test_a_huge_reward_never_writes_non_finite_adapters(theta0):
+    """1e300 is inf in float32: the advantages are NaN, the update is skipped, adapters intact."""
+    tr = _trainer(theta0)
+    prompts, completions = _rows()
+    tr.update(prompts, completions, REWARDS)
+    adapters, opt = _copy(tr.lora), _copy(tr.opt_state)
+    m = tr.update(prompts, completions, np.array([[0.0, 1e300, 0.2, 0.5]]))
+    assert not m["updated"] and tr.core.skipped == 1 and tr.n_updates == 1
+    assert all(_leaves_equal(adapters, tr.lora)) and all(_leaves_equal(opt, tr.opt_state))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(_copy(tr.lora)))
+
+
+def test_rollouts_are_untruncated_unless_asked():
+    cfg = _cfg(sampling=C.SamplingConfig(max_new_tokens=16, temperature=0.7, top_p=0.9, top_k=5))
+    assert rollout_sampling(cfg) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "greedy": False}
+    for policy in ("truncated", "importance"):
+        got = rollout_sampling(dataclasses.replace(cfg, rollout_policy=policy))
+        assert (got["temperature"], got["top_p"], got["top_k"]) == (0.7, 0.9, 5)
+    assert make_loss(dataclasses.replace(cfg, rollout_policy="importance")).importance == (0.7, 0.9, 5)
+    assert make_loss(cfg).importance is None
 
 
 def test_update_descends_the_reinforce_loss(theta0):
