@@ -199,3 +199,15 @@ def test_custom_vjps_match_autodiff():
     h_BTD = jax.random.normal(k[3], (B, T, D))
     emb_VD = jax.random.normal(k[0], (V, D))
     _check_vjp(tied_unembed, lambda h, e: jnp.einsum("btd,vd->btv", h, e), h_BTD, emb_VD)
+
+
+def test_misuse_is_one_clear_error():
+    model = tiny_model()
+    tr = Trainer(model, lm_loss, OPTIM, mesh=mesh1(), total_steps=10, grad_accum=3)
+    with pytest.raises(ValueError, match=r"batch\['x'\] has shape \(8, 16\).*grad_accum=3"):
+        tr.step(lm_batch())
+    no_count = Trainer(model, lm_loss, OPTIM, mesh=mesh1(), total_steps=10, reduction="sum")
+    with pytest.raises(ValueError, match="n_tokens"):
+        no_count.step(lm_batch())
+    with pytest.raises(ValueError, match="no variables selected"):
+        Trainer(model, lm_loss, OPTIM, mesh=mesh1(), total_steps=10, wrt=ADAPTERS)

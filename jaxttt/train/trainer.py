@@ -170,6 +170,9 @@ def _loss_and_grads(st: _Static, params, rest, context, batch):
     if n_tokens is None and "n_tokens" in batch:
         n_tokens = jnp.sum(batch["n_tokens"].astype(jnp.float32))
     if st.reduction == "sum":
+        if n_tokens is None:
+            raise ValueError("Trainer(reduction='sum'): the loss must return aux['n_tokens'] "
+                             "(or the batch carry a per-row 'n_tokens')")
         denom = jnp.maximum(n_tokens, 1.0)
     else:
         denom = jnp.float32(st.grad_accum)
@@ -276,6 +279,10 @@ class Trainer:
                        self.grad_accum, self.reduction, context is not None, self.mesh)
 
     def _place(self, batch: dict) -> dict:
+        for k, v in batch.items():
+            if np.ndim(v) == 0 or v.shape[0] % self.grad_accum:
+                raise ValueError(f"Trainer: batch[{k!r}] has shape {np.shape(v)}; every entry "
+                                 f"needs rows on axis 0, a multiple of grad_accum={self.grad_accum}")
         return {k: v if isinstance(v, jax.Array) else sharding.place_batch(v, self.mesh)
                 for k, v in batch.items()}
 
