@@ -131,6 +131,8 @@ def test_user_problem_set_plugin(tmp_path):
     assert [p.target for p in train] == ["AB", "CD"] and [p.target for p in held] == ["EF"]
     one, _ = load_problem_sets("jaxttt.discover.envs:ToyStringEnv", {"target": "XY"})
     assert len(one) == 1 and one[0].target == "XY"
+    with pytest.raises(EnvError, match="unknown problem set 'gsm9k': use gsm8k, gsm_synth"):
+        load_problem_sets("gsm9k", {})
     with pytest.raises(EnvError, match="neither"):
         load_problem_sets("jaxttt.discover.problemset:solved", {})
 

@@ -222,6 +222,9 @@ def load_problem_sets(spec: str, options: dict | None, *, n_heldout: int = 0) ->
         if "heldout" in built:
             return full.split_heldout(max_examples, 0)[0], built["heldout"].split_heldout(n_heldout, 0)[0]
         return full.split_heldout(max_examples, n_heldout)
+    if ":" not in spec:
+        raise EnvError(f"unknown problem set {spec!r}: use {', '.join(BUILTIN_SETS)}, "
+                       "package.module:Class or path/to/file.py:Class")
     user_opts = {k: v for k, v in options.items() if k != "max_examples"}
     return _user_set(spec, user_opts).split_heldout(max_examples, n_heldout)
 
