@@ -123,3 +123,18 @@ def test_gguf_embedded_bpe(tmp_path):
         gguf_tokenizer(_gguf_fields(pre="mystery")[0], "x.gguf")
     with pytest.raises(TokenizerError, match="tokenizer.ggml.model = 'llama'"):
         gguf_tokenizer(_gguf_fields(model="llama")[0], "x.gguf")
+
+
+def test_bos_follows_the_post_processor_when_config_is_silent(tmp_path, bpe_dir):
+    """Llama 3 style: tokenizer_config has no add_bos_token, tokenizer.json's post-processor
+    prepends BOS: raw prompts then start with BOS too."""
+    from tokenizers import processors
+
+    tok = Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                       special_tokens=[("<|im_start|>", 1)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>",
+                                                                "eos_token": "<|im_end|>"}))
+    hf = HFTokenizer(tmp_path)
+    assert hf.prompt_ids("ab") == [1] + hf.encode("ab") and hf.encode("ab")[0] != 1

@@ -112,7 +112,13 @@ class HFTokenizer:
 
     @property
     def add_bos(self) -> bool:
-        return bool(self.config.get("add_bos_token", False)) and self.bos_id is not None
+        """Whether documents start with BOS: tokenizer_config's add_bos_token, else what the
+        tokenizer's own post-processor does (Llama 3 adds <|begin_of_text|> there)."""
+        if self.bos_id is None:
+            return False
+        if "add_bos_token" in self.config:
+            return bool(self.config["add_bos_token"])
+        return self._tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
 
     @property
     def vocab_size(self) -> int:
