@@ -81,7 +81,7 @@ def test_eta_follows_the_reference_schedule():
 
 
 def _tiny_trunk(mode="none"):
-    cfg = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=2, d_head=16, d_ff=64,
+    cfg = ModelConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=2, d_head=16, d_ff=64,
                       max_seq_len=64, mhc=MHCConfig(mode=mode, n_streams=2))
     return Transformer(cfg, rngs=nnx.Rngs(0))
 
