@@ -129,3 +129,5 @@ def test_cli_train_then_eval_writes_the_method_table(base, tmp_path, capsys):
     assert cli.main(["ponder", "train", "--ckpt", str(tmp_path / "nope"), "--out",
                      str(tmp_path / "r2")]) == 1
     assert "nope" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    assert cli.main(["ponder", "eval", "--run", str(base["run"]), "--out", str(tmp_path / "e2")]) == 1
+    assert "not a `ponder train` run" in capsys.readouterr().err and not (tmp_path / "e2").exists()

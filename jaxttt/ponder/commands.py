@@ -64,16 +64,18 @@ def _eval(args: argparse.Namespace) -> int:
     if args.seeds is not None and (args.seeds < 1 or len(args.run) > 1):
         raise UserError("--seeds: a positive count, and only with a single --run "
                         "(with several runs each run is one seed)")
-    out = fresh_run_dir(args.out)
     plan = ([(r, i, 0) for i, r in enumerate(args.run)] if len(args.run) > 1
             else [(args.run[0], i, i) for i in range(args.seeds or 1)])
-    seeds, dims, models = [], None, {}
-    for run, seed, block in plan:
+    models, dims = {}, None
+    for run, _, _ in plan:  # every run is checked before anything is written
         if run not in models:  # one set of compiled programs per run
             model, tok, tcfg, _ = load_ponder(run)
             models[run] = (ChunkRunner(model), tok, tcfg)
             dims = dict(d_model=model.trunk.cfg.d_model, n_heads=model.ttt.n_heads,
                         d_head=model.ttt.d_head, mini_batch=model.ttt.mini_batch)
+    out = fresh_run_dir(args.out)
+    seeds = []
+    for run, seed, block in plan:
         runner, tok, tcfg = models[run]
         seeds.append(E.evaluate_seed(runner, tok, tcfg, ecfg, seed=seed, block=block))
     summary = E.summarise(seeds, ecfg, ttt_dims=dims)

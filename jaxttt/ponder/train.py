@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import yaml
 from flax import nnx
 
 from jaxttt import config as C
@@ -55,8 +56,13 @@ def option_for_step(cfg: PonderTrainConfig, step: int) -> int:
 def load_ponder(run: str | Path, *, mesh=None, step: int | None = None):
     """(PonderModel with trained TTT weights, tokenizer, train config, checkpoint meta)."""
     run_dir = Path(run).absolute()
-    if not (run_dir / CONFIG_YAML).is_file():
-        raise RunDirError(f"{run_dir}: not a `ponder train` run (no {CONFIG_YAML})")
+    try:
+        saved = yaml.safe_load((run_dir / CONFIG_YAML).read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict) or not {"base", "ttt"} <= set(saved):
+        raise RunDirError(f"{run_dir}: not a `ponder train` run (expected its {CONFIG_YAML} with "
+                          "'base' and 'ttt'); pass the --out directory of `jaxttt ponder train`")
     cfg = C.load(PonderTrainConfig, run_dir / CONFIG_YAML)
     mesh = mesh or sharding.single_device_mesh()
     trunk, tok, _ = load_run(cfg.base, mesh=mesh)
