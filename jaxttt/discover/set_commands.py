@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="log load stages, prompt sizes, generation, update and reward progress")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted config overrides, e.g. lr=1e-4 sampling.max_new_tokens=128")
+                   help="dotted config overrides, e.g. optim.lr=1e-4 sampling.max_new_tokens=128")
     p.set_defaults(func=_discover_set)
 
 
