@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="new run directory")
     p.add_argument("--config", default=None, help="YAML, e.g. configs/discover/gsm8k_set.yaml")
     p.add_argument("--problems", default=None,
-                   help="gsm_synth | gsm8k | package.module:Class | path/file.py:Class "
+                   help="gsm_synth | gsm8k | humaneval | mbpp | package.module:Class | file.py:Class "
                         "(default: the config's env)")
     _flag(p, "data", help="gsm8k: a JSONL file, or a directory holding <split>.jsonl")
     _flag(p, "split", help="gsm8k split (file <split>.jsonl in --data), e.g. test")
