@@ -177,6 +177,7 @@ class SetRun:
         rewards = [seed_reward(env, s, cfg.reward_timeout_s)[0] for s, env in seeds]
         self.archive = SetArchive(rewards, [s for s, _ in seeds], cfg.archive_size, cfg.puct_variant)
         self.initial_prompts = [env.context_from_archive(s, None) for s, env in seeds]
+        self.bench_prompts = [env.context_from_archive(env.initial_state(), None) for env in heldout]
         self.best = list(rewards)  # per problem, best reward of the method so far
         self.best_state = [s for s, _ in seeds]
         self.baseline_best = list(rewards)
@@ -291,8 +292,7 @@ class SetRun:
     def benchmark(self, t: int) -> dict[str, Any]:
         """The current adapter on the held-out problems' initial prompts (one sample each)."""
         cfg, t0 = self.cfg, time.perf_counter()
-        prompts = [env.context_from_archive(env.initial_state(), None) for env in self.heldout]
-        ros = sample_groups(self.trainer.model(), self.tok, prompts, [1] * len(prompts),
+        ros = sample_groups(self.trainer.model(), self.tok, self.bench_prompts, [1] * len(self.heldout),
                             jax.random.fold_in(self.eval_key, t), cfg,
                             temperature=cfg.benchmark_temperature,
                             max_new_tokens=cfg.benchmark_max_new_tokens,
