@@ -338,3 +338,39 @@ def test_faulty_env_scores_zero_and_the_run_goes_on(theta0, tok, tmp_path, capsy
     log = _lines(tmp_path / "faulty" / "log.jsonl")
     assert [r["n_errors"] for r in log] == [3, 3] and all(r["n_valid_groups"] == 1 for r in log)
     assert "env errors scored 0" in capsys.readouterr().out
+
+
+class BuildOnEnv(DiscoveryEnv):
+    """An action only means something at its start state: the new state is start + "+"."""
+    version = "build-on-1"
+
+    def problem_description(self) -> str:
+        return "Extend it:"
+
+    def context_from_archive(self, state, archive) -> str:
+        return f"Extend it: {state}\n"
+
+    def initial_state(self) -> str:
+        return "s"
+
+    def transition(self, action: str) -> str:
+        return ""  # without a start state nothing can be built (invalid, reward 0)
+
+    def transition_from(self, start_state: str, action: str) -> str:
+        return start_state + "+"
+
+    def reward(self, state: str) -> float:
+        return float(state.count("+"))
+
+
+def test_rewards_see_the_archive_start_state(theta0, tok, tmp_path):
+    cfg = _cfg(steps=3, baseline=False, hot_swap_eval=False, save_every=0)
+    summary = run_discover(_base(theta0), tok, cfg, tmp_path / "build", env=BuildOnEnv())
+    states = {n["id"]: n["state"] for n in
+              json.loads((tmp_path / "build" / "result.json").read_text())["archive"]["nodes"]}
+    disc = _lines(tmp_path / "build" / "discovery_log.jsonl")
+    assert len(disc) == 12 and not any(r["error"] for r in disc)
+    assert all(r["state"] == states[r["start_state"]] + "+" for r in disc)
+    assert all(r["reward"] == r["state"].count("+") for r in disc)
+    assert [r["reward"] for r in disc if r["step"] == 1] == [1.0] * 4
+    assert summary["best_reward"] == max(r["reward"] for r in disc)

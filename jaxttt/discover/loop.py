@@ -116,12 +116,14 @@ def sample_rollouts(model: nnx.Module, tokenizer, prompt: str, n: int, key: jax.
     return Rollouts(prompt, ids, completions, actions, int(out.lengths.sum()), secs)
 
 
-def evaluate(env: DiscoveryEnv, ro: Rollouts, timeout_s: float, workers: int = 1) -> Rollouts:
-    """Fill states, rewards and errors with `safe_reward` (`workers` concurrent calls)."""
+def evaluate(env: DiscoveryEnv, ro: Rollouts, timeout_s: float, workers: int = 1,
+             start_state: str | None = None) -> Rollouts:
+    """Fill states, rewards and errors with `safe_reward` (`workers` concurrent calls); with
+    `start_state` (the archive state the actions were sampled from) via `env.transition_from`."""
     t0 = time.perf_counter()
 
     def one(action: str):
-        return safe_reward(env, action, timeout_s)
+        return safe_reward(env, action, timeout_s, start_state)
 
     if workers > 1 and len(ro.actions) > 1:
         with ThreadPoolExecutor(min(workers, len(ro.actions))) as pool:
@@ -211,7 +213,7 @@ class DiscoverRun:
         prompt = self.env.context_from_archive(node.state, self.archive)
         ro = sample_rollouts(self.trainer.model(), self.tok, prompt, self.cfg.rollouts,
                              jax.random.fold_in(self.ttt_key, t), self.cfg, ttt=True)
-        evaluate(self.env, ro, self.cfg.reward_timeout_s, self.cfg.reward_workers)
+        evaluate(self.env, ro, self.cfg.reward_timeout_s, self.cfg.reward_workers, node.state)
         t_update = time.perf_counter()
         m = self.trainer.update([ro.prompt_ids] * len(ro.completions), ro.completions,
                                 np.asarray([ro.rewards]))
