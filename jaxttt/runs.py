@@ -148,9 +148,21 @@ def tokenizer_path(meta: dict, run_dir: str | Path, explicit: str | Path | None 
     return path
 
 
+def resolve_named(spec: str | Path) -> str | Path:
+    """A named pretrained model (e.g. smollm2-135m-instruct) becomes its run directory under the
+    cache root, converted on first use; any other spec is returned unchanged."""
+    from jaxttt.model import named
+
+    if str(spec) in named.NAMED and not Path(spec).exists():
+        from jaxttt.model.pretrained import ensure_named_run
+        return ensure_named_run(str(spec))
+    return spec
+
+
 def load_run(spec: str | Path, *, mesh=None, step: int | None = None,
              tokenizer: str | Path | None = None, overrides: tuple[str, ...] = ()):
-    """(model, tokenizer, meta) of a model run, its checkpoints/ folder or one step in it.
+    """(model, tokenizer, meta) of a model run, its checkpoints/ folder, one step in it, or a
+    named pretrained model (`resolve_named`).
 
     The newest good checkpoint unless `step` (or a step folder) is given; a corrupt newest
     step is reported and skipped. `meta` is what the run saved (step, tokenizer, ...) plus
@@ -159,6 +171,7 @@ def load_run(spec: str | Path, *, mesh=None, step: int | None = None,
     from jaxttt.data.tokenizer import load_tokenizer
     from jaxttt.train.checkpoint import find_run_dir, load_model
 
+    spec = resolve_named(spec)
     run_dir, _ = find_run_dir(spec)
     model, meta = load_model(spec, mesh=mesh, step=step, overrides=tuple(overrides))
     tok = load_tokenizer(tokenizer_path(meta, run_dir, tokenizer))
