@@ -49,7 +49,7 @@ from jaxttt.discover.step import DiscoverTrainer, rollout_sampling
 from jaxttt.eval.report import encode_prompt
 from jaxttt.model import lora
 from jaxttt.sampling import generate
-from jaxttt.runs import RunDirError, fresh_run_dir  # noqa: F401 (RunDirError: API)
+from jaxttt.runs import RunDirError, append_jsonl, fresh_run_dir, load_run  # noqa: F401 (RunDirError: API)
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
@@ -159,12 +159,6 @@ class Best:
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-def append_jsonl(path: Path, records: Sequence[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def rollout_records(env: DiscoveryEnv, ro: Rollouts, **extra: Any) -> list[dict]:
     """G5 lines (`reward_record`) for every evaluated action, plus `extra` and the sample index."""
     return [{**reward_record(env, ro.prompt, a, s, r, e), **extra, "sample": i}
@@ -362,18 +356,12 @@ def run_discover(model: nnx.Module, tokenizer, cfg: DiscoverConfig, out_dir: str
 def run_discover_from_checkpoint(ckpt: str | Path, cfg: DiscoverConfig, out_dir: str | Path, *,
                                  tokenizer: str | Path | None = None, env: DiscoveryEnv | None = None,
                                  progress: bool = False) -> dict[str, Any]:
-    """`run_discover` with θ0 (and, unless given, the tokenizer) from a pretraining run."""
-    from jaxttt.data.tokenizer import Tokenizer
-    from jaxttt.train.checkpoint import load_model
-
+    """`run_discover` with θ0 (and, unless given, the tokenizer) from a model run (`load_run`)."""
     cfg.validate()
     fresh_run_dir(out_dir)  # fail before loading anything
     mesh = sharding.make_mesh(cfg.mesh)
-    model, meta = load_model(ckpt, mesh=mesh)
-    tok_path = tokenizer or meta.get("tokenizer")
-    if not tok_path:
-        raise FileNotFoundError(f"{ckpt}: the checkpoint names no tokenizer; pass --tokenizer")
-    return run_discover(model, Tokenizer(tok_path), cfg, out_dir, env=env, mesh=mesh,
+    model, tok, _ = load_run(ckpt, mesh=mesh, tokenizer=tokenizer)
+    return run_discover(model, tok, cfg, out_dir, env=env, mesh=mesh,
                         progress=progress, source=str(ckpt))
 
 

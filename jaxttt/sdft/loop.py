@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxttt import config as C
-from jaxttt.data.tokenizer import Tokenizer
+from jaxttt import runs
 from jaxttt.eval.gates import PPL_KEY, decide, write_decision
 from jaxttt.eval.report import evaluate_config, resolve_probes
 from jaxttt.model.lora import add_lora
@@ -41,7 +41,7 @@ from jaxttt.sdft.data import Example, load_jsonl
 from jaxttt.sdft.replay import ReplayBuffer
 from jaxttt.sdft.step import SDFTTrainer
 from jaxttt.sharding import make_mesh
-from jaxttt.train.checkpoint import Checkpointer, fresh_run_dir, load_model, save_model_config
+from jaxttt.train.checkpoint import Checkpointer, save_model_config
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -50,14 +50,6 @@ SUMMARY_FILE = "summary.json"
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
-def tokenizer_path(meta: dict, ckpt: str | Path, explicit: str | Path | None) -> Path:
-    """The explicit tokenizer, else the one recorded in the checkpoint meta."""
-    path = explicit or meta.get("tokenizer")
-    if not path:
-        raise ValueError(f"{ckpt}: checkpoint meta records no tokenizer; pass --tokenizer")
-    return Path(path).absolute()
-
-
 class ExampleStream:
     """Endless seeded stream over the examples: a fresh permutation every epoch."""
 
@@ -96,23 +88,8 @@ def next_batch(stream: ExampleStream, buf: ReplayBuffer, n: int, ratio: float):
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging
+# Files
 # ---------------------------------------------------------------------------------------------
-class MetricsLog:
-    """Append-only JSON Lines file (flushed per line: readable while the run goes on)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._f = path.open("a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
 def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -124,14 +101,14 @@ def write_json(path: Path, obj: Any) -> None:
 class _Run:
     """State of one `run_sdft` call (kept small: the trainer holds the arrays)."""
 
-    def __init__(self, out: Path, cfg: C.SDFTConfig, trainer: SDFTTrainer, tok: Tokenizer,
+    def __init__(self, out: Path, cfg: C.SDFTConfig, trainer: SDFTTrainer, tok,
                  eval_fn: Callable[[], dict], source_meta: dict, ckpt_src: str):
         self.out, self.cfg, self.trainer, self.tok, self.eval_fn = out, cfg, trainer, tok, eval_fn
         self.source, self.ckpt_src = source_meta, ckpt_src
         C.save_yaml(cfg, out / "config.yaml")
         save_model_config(out, trainer.model_cfg)
         self.ckpt = Checkpointer(out, keep=cfg.keep)
-        self.log = MetricsLog(out / METRICS_FILE)
+        self.log = runs.JsonlWriter(out / METRICS_FILE)
         self.gates: list[dict] = []
 
     def save(self, buf: ReplayBuffer, block: int) -> None:
@@ -229,13 +206,11 @@ def run_sdft(ckpt: str | Path, data_path: str | Path, out_dir: str | Path, cfg: 
     """
     cfg.validate()
     examples, n_bad = load_jsonl(data_path, skip_bad=skip_bad)
-    out = fresh_run_dir(out_dir, keep=keep_files)
+    out = runs.fresh_run_dir(out_dir, keep=keep_files)
     stream = ExampleStream(examples, cfg.seed)
     probes = resolve_probes(cfg.eval.probes)
     mesh = mesh or make_mesh(cfg.mesh)
-    model, meta = load_model(ckpt, mesh=mesh)
-    tok = Tokenizer(tokenizer_path(meta, ckpt, tokenizer))
-    _check_vocab(tok, model, ckpt)
+    model, tok, meta = runs.load_run(ckpt, mesh=mesh, tokenizer=tokenizer)
     if cfg.lora is not None:
         add_lora(model, cfg.lora, seed=cfg.seed, mesh=mesh)
     buf = make_replay(cfg, meta, replay_sources or ())
@@ -256,8 +231,3 @@ def run_sdft(ckpt: str | Path, data_path: str | Path, out_dir: str | Path, cfg: 
     write_json(out / SUMMARY_FILE, summary)
     return summary
 
-
-def _check_vocab(tok: Tokenizer, model, ckpt) -> None:
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{ckpt}: tokenizer {tok.path} has {tok.vocab_size} pieces but the model's "
-                         f"vocab_size is {model.cfg.vocab_size}")
