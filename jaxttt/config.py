@@ -260,6 +260,14 @@ class GateConfig:
         _check(math.isfinite(self.max_probe_drop), f"{prefix}.max_probe_drop", "a finite number")
 
 
+CHAT_MODES = ("auto", "on", "off")
+
+
+def chat_mode(value: bool | str) -> str:
+    """A `chat` setting as auto|on|off (YAML reads a bare on/off as true/false)."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
 @dataclasses.dataclass(frozen=True)
 class SDFTConfig:
     mesh: MeshConfig = MeshConfig()  # device mesh
@@ -284,9 +292,11 @@ class SDFTConfig:
     seed: int = 0  # the run's one seed: data order, replay, sampling, adapters
     objective: str = "sdft"  # sdft (on-policy self-distillation) | sft (cross-entropy on demos: baseline)
     keep: int = 3  # accepted checkpoints kept (orbax)
+    chat: bool | str = "auto"  # prompts as a chat-template user turn: auto (if any) | on | off
 
     def validate(self) -> None:
         _check(self.objective in ("sdft", "sft"), "objective", "sdft|sft")
+        _check(chat_mode(self.chat) in CHAT_MODES, "chat", "auto|on|off")
         self.optim.validate()
         _check(self.skip_loss_tokens >= 0, "skip_loss_tokens", "an integer >= 0")
         self.gate.validate()
@@ -337,9 +347,11 @@ class DiscoverConfig:
     drop_equal_groups: bool = True  # a group whose rewards are all equal gives no gradient at all
     baseline: bool = True  # same-budget best-of-N from θ0 (steps × rollouts samples) beside TTT
     reward_workers: int = 4  # rewards evaluated concurrently (threads); envs must allow it
+    chat: bool | str = "auto"  # prompts as a chat-template user turn: auto (if any) | on | off
 
     def validate(self) -> None:
         self.lora.validate()
+        _check(chat_mode(self.chat) in CHAT_MODES, "chat", "auto|on|off")
         _check(self.rollouts >= 2, "rollouts", "at least 2 (leave-one-out needs a group)")
         self.mesh.validate()
         self.sampling.validate()

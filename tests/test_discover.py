@@ -374,3 +374,54 @@ def test_rewards_see_the_archive_start_state(theta0, tok, tmp_path):
     assert all(r["reward"] == r["state"].count("+") for r in disc)
     assert [r["reward"] for r in disc if r["step"] == 1] == [1.0] * 4
     assert summary["best_reward"] == max(r["reward"] for r in disc)
+
+
+# ---- instruct models: prompts through the chat template ----------------------------------------
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chat_tokenizer(d):
+    """A tiny byte-level BPE saved as an instruct checkpoint's tokenizer (ChatML template)."""
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+
+    from jaxttt.data.tokenizer import load_tokenizer
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"])
+    tok.train_from_iterator(["Extend it: s++ and write 4 vowels, please."] * 20, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<pad>",
+        "chat_template": CHATML, "add_bos_token": False}))
+    return load_tokenizer(d)
+
+
+def test_instruct_prompts_are_one_chat_user_turn(theta0, tok, tmp_path):
+    from jaxttt.data.chat_prompts import chat_prompt_ids
+    from jaxttt.discover.loop import sample_rollouts
+    from jaxttt.errors import UserError
+    from jaxttt.eval.report import encode_prompt
+
+    hf = chat_tokenizer(tmp_path)
+    text = "Extend it: s+\n"
+    turn = hf.chat_ids([{"role": "user", "content": text}])
+    header = hf.encode("<|im_start|>assistant\n")
+    assert turn[-len(header):] == header and hf.decode(turn).count(text) == 1
+    for chat, want in (("auto", turn), (True, turn), ("off", encode_prompt(hf, text, 128 - 16))):
+        ro = sample_rollouts(_base(theta0), hf, text, 2, jax.random.key(0), _cfg(chat=chat), ttt=True)
+        assert ro.prompt_ids == want and len(ro.completions) == 2
+    ro = sample_rollouts(_base(theta0), tok, text, 2, jax.random.key(0), _cfg(), ttt=True)
+    assert ro.prompt_ids == encode_prompt(tok, text, 128 - 16)  # SentencePiece: as before
+
+    long = "write 4 vowels, please. " * 40  # cut from the left of the text, never the template
+    ids = chat_prompt_ids(hf, long, 48)
+    head = hf.chat_ids([{"role": "user", "content": ""}])[:-len(header) - 2]
+    assert len(ids) <= 48 and ids[:len(head)] == head and ids[-len(header):] == header
+    with pytest.raises(UserError, match="'chat': 'on'.*no chat template"):
+        run_discover(_base(theta0), tok, _cfg(chat="on"), tmp_path / "no_template", env=VowelEnv())
+    assert not (tmp_path / "no_template").exists()

@@ -364,3 +364,26 @@ def test_default_heldout_is_the_val_split_packed_with_the_runs_tokenizer(tok, tm
     assert len(load_packed(path, expect_vocab=tok.vocab_size)[0]) > 1000
     mtime = path.stat().st_mtime_ns
     assert default_heldout(tok, cache=tmp_path) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_instruct_prompts_go_through_the_chat_template(base_run, tok, mesh, tmp_path):
+    """Student and teacher contexts are each one user turn of the instruct tokenizer's chat
+    template (then its generation prompt); chat=off and SentencePiece keep `[EOS] text`."""
+    from test_discover import chat_tokenizer
+
+    from jaxttt.eval.report import encode_prompt
+    from jaxttt.sdft.data import teacher_prompt
+
+    hf = chat_tokenizer(tmp_path)
+    turn = lambda text: hf.chat_ids([{"role": "user", "content": text}])  # noqa: E731
+    model, _ = load_model(base_run, mesh=mesh)
+    tr = step.SDFTTrainer(model, hf, _cfg(), mesh)
+    s_ctx, t_ctx = tr.contexts(EXAMPLES[:2])
+    assert s_ctx == [turn(ex.prompt) for ex in EXAMPLES[:2]]
+    assert t_ctx == [turn(teacher_prompt(ex.prompt, ex.demonstration)) for ex in EXAMPLES[:2]]
+    batch, _ = tr.rollout(EXAMPLES[:2], jax.random.key(0))
+    assert np.isfinite(tr.update(batch)["kl"])
+    off = step.SDFTTrainer(load_model(base_run, mesh=mesh)[0], hf, _cfg("chat=off"), mesh)
+    assert off.contexts(EXAMPLES[:1])[0] == [encode_prompt(hf, EXAMPLES[0].prompt, 64)]
+    sp_ctx, _ = _trainer(base_run, tok, mesh).contexts(EXAMPLES[:1])
+    assert sp_ctx == [[tok.eos_id] + tok.encode(EXAMPLES[0].prompt)]

@@ -6,7 +6,8 @@
 Each step t = 1..steps:
   start state s: PUCT over the archive (`cfg.reuse`), else the seed s0 = env.initial_state();
   prompt = env.context_from_archive(s, archive), encoded `[EOS] + text` (the document start,
-  as in the packed pretraining data) and left-truncated to leave room for the action;
+  as in the packed pretraining data) or, for an instruct model (`cfg.chat`), as one user turn
+  of its chat template; left-truncated to leave room for the action;
   N = rollouts actions in ONE batched KV-cache `generate` call (EOS stops a row), sampled as
     `rollout_policy` says (default: the untruncated policy, temperature 1, top_p 1);
   rewards via `safe_reward` (exceptions, hangs, NaN -> 0 and an error string; the run goes on);
@@ -43,6 +44,7 @@ from jax.sharding import Mesh
 from jaxttt import config as C
 from jaxttt import sharding
 from jaxttt.config import DiscoverConfig
+from jaxttt.data.chat_prompts import chat_prompt_ids, use_chat
 from jaxttt.discover.archive import Archive, Node
 from jaxttt.discover.env import DiscoveryEnv, load_env, reward_record, safe_reward
 from jaxttt.discover.step import DiscoverTrainer, rollout_sampling
@@ -87,13 +89,15 @@ class Rollouts:
         return sum(e is not None and e.startswith(INVALID) for e in self.errors)
 
 
-def prompt_ids(tokenizer, text: str, max_seq_len: int, max_new_tokens: int) -> list[int]:
-    """`[EOS] + encode(text)`, left-truncated so that the action still fits in max_seq_len."""
+def prompt_ids(tokenizer, text: str, max_seq_len: int, max_new_tokens: int, *,
+               chat: bool = False) -> list[int]:
+    """`[EOS] + encode(text)` (with `chat`: one user turn of the tokenizer's chat template),
+    left-truncated so that the action still fits in max_seq_len."""
     room = max_seq_len - max_new_tokens
     if room < 2:
         raise ValueError(f"config key 'sampling.max_new_tokens': {max_new_tokens} leaves no room "
                          f"for a prompt in the model's max_seq_len={max_seq_len}")
-    return encode_prompt(tokenizer, text, room)
+    return chat_prompt_ids(tokenizer, text, room) if chat else encode_prompt(tokenizer, text, room)
 
 
 def sample_rollouts(model: nnx.Module, tokenizer, prompt: str, n: int, key: jax.Array,
@@ -105,7 +109,8 @@ def sample_rollouts(model: nnx.Module, tokenizer, prompt: str, n: int, key: jax.
     sc = cfg.sampling
     how = rollout_sampling(cfg) if ttt else {"temperature": sc.temperature, "top_p": sc.top_p,
                                              "top_k": sc.top_k, "greedy": sc.greedy}
-    ids = prompt_ids(tokenizer, prompt, model.cfg.max_seq_len, sc.max_new_tokens)
+    ids = prompt_ids(tokenizer, prompt, model.cfg.max_seq_len, sc.max_new_tokens,
+                     chat=use_chat(tokenizer, cfg.chat))
     t0 = time.perf_counter()
     out = generate(model, [ids] * n, key, max_new_tokens=sc.max_new_tokens,
                    **{**how, "greedy": greedy or how["greedy"]}, eos_id=tokenizer.eos_id,
@@ -333,6 +338,7 @@ def run_discover(model: nnx.Module, tokenizer, cfg: DiscoverConfig, out_dir: str
     cfg.env_options)`); writes the run directory `out_dir` and returns its summary dict
     (best_reward, baseline_best_reward, step_wall_s, rollout_tokens_per_s, ...)."""
     cfg.validate()
+    use_chat(tokenizer, cfg.chat)  # chat=on without a chat template: one line, nothing written
     run_dir = fresh_run_dir(out_dir)
     if env is None:
         env = load_env(cfg.env, cfg.env_options)

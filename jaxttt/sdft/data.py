@@ -1,4 +1,5 @@
-"""SDFT examples: (prompt, demonstration) pairs from JSON Lines, and the two prompt framings.
+"""SDFT examples: (prompt, demonstration) pairs from JSON Lines, the two prompt framings and
+their token ids (raw text, or a user turn of an instruct model's chat template).
 
 File format (handoff, SDFT §7): one JSON object per line,
 `{"prompt": "...", "demonstration": "...", ...}`; any extra keys (reward, source, problem id)
@@ -11,6 +12,9 @@ import json
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
+
+from jaxttt.data.chat_prompts import chat_prompt_ids
+from jaxttt.eval.report import encode_prompt
 
 REQUIRED = ("prompt", "demonstration")
 
@@ -48,6 +52,16 @@ def teacher_prompt(prompt: str, demonstration: str) -> str:
 def student_prompt(prompt: str) -> str:
     """The student sees the prompt exactly as written (as in the reference implementation)."""
     return prompt
+
+
+def encode_contexts(tokenizer, ex: Example, s_len: int, t_len: int,
+                    chat: bool = False) -> tuple[list[int], list[int]]:
+    """(student, teacher) prompt ids of `ex`, at most `s_len` / `t_len` tokens (left-truncated):
+    `[EOS] + text`, or with `chat` (an instruct model) each text as one user turn of the
+    tokenizer's chat template followed by its generation prompt."""
+    texts = student_prompt(ex.prompt), teacher_prompt(ex.prompt, ex.demonstration)
+    encode = chat_prompt_ids if chat else encode_prompt
+    return encode(tokenizer, texts[0], s_len), encode(tokenizer, texts[1], t_len)
 
 
 def _parse_line(line: str, where: str) -> Example:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from jaxttt import config as C
 from jaxttt import runs
+from jaxttt.data.chat_prompts import use_chat
 from jaxttt.eval.gates import PPL_KEY, decide, write_decision
 from jaxttt.eval.report import evaluate_config, resolve_probes
 from jaxttt.model.lora import add_lora
@@ -211,6 +212,7 @@ def run_sdft(ckpt: str | Path, data_path: str | Path, out_dir: str | Path, cfg: 
     probes = resolve_probes(cfg.eval.probes)
     mesh = mesh or make_mesh(cfg.mesh)
     model, tok, meta = runs.load_run(ckpt, mesh=mesh, tokenizer=tokenizer)
+    use_chat(tok, cfg.chat)  # chat=on without a chat template: one clear line before training
     if cfg.lora is not None:
         add_lora(model, cfg.lora, seed=cfg.seed, mesh=mesh)
     buf = make_replay(cfg, meta, replay_sources or ())

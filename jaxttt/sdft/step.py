@@ -39,11 +39,11 @@ from flax import nnx
 from jaxttt import sharding
 from jaxttt.config import SDFTConfig
 from jaxttt.data.tokenizer import Tokenizer
-from jaxttt.eval.report import encode_prompt
+from jaxttt.data.chat_prompts import use_chat
 from jaxttt.model.lora import has_lora
 from jaxttt.model.transformer import token_logprobs
 from jaxttt.sampling import bucket, generate, pack_sequences
-from jaxttt.sdft.data import Example, student_prompt, teacher_prompt
+from jaxttt.sdft.data import Example, encode_contexts
 from jaxttt.sdft.ema import ema_init, ema_update
 from jaxttt.sdft.kl import aligned_kl_from_hidden
 from jaxttt.train.trainer import ADAPTERS, BASE_PARAMS, Trainer
@@ -213,13 +213,13 @@ class SDFTTrainer:
 
     # ------------------------------------------------------------------ batches
     def contexts(self, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[int]]]:
-        """Student contexts `[EOS] x` and teacher contexts `[EOS] template(x, c)` (left-truncated)."""
+        """Student contexts `[EOS] x` and teacher contexts `[EOS] template(x, c)` (left-truncated;
+        for an instruct model each a user turn of its chat template, `cfg.chat`)."""
         room = self.model_cfg.max_seq_len - self.cfg.sampling.max_new_tokens
         s_len = min(self.cfg.max_prompt_len, room)
-        s_ctx = [encode_prompt(self.tok, student_prompt(ex.prompt), s_len) for ex in examples]
-        t_ctx = [encode_prompt(self.tok, teacher_prompt(ex.prompt, ex.demonstration), room)
-                 for ex in examples]
-        return s_ctx, t_ctx
+        chat = use_chat(self.tok, self.cfg.chat)
+        pairs = [encode_contexts(self.tok, ex, s_len, room, chat) for ex in examples]
+        return [s for s, _ in pairs], [t for _, t in pairs]
 
     def rollout(self, examples: Sequence[Example], key: jax.Array) -> tuple[Batch, dict]:
         """Sample y from the student and build the update batch; returns (batch, host stats)."""
