@@ -93,8 +93,28 @@ class HFTokenizer:
         return self.encode(text, bos=self.add_bos)
 
     def chat_ids(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
-        """The checkpoint's chat template applied to `messages`, tokenised (specials parsed)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+        """The checkpoint's chat template applied to `messages`, tokenised. The template's own
+        text has its special tokens parsed; message contents are plain text, so a special-token
+        string inside a message (e.g. a model-written `<|im_end|>`) never becomes a control token."""
+        marks = [f"\x00jaxttt-message-{i}\x00" for i in range(len(messages))]
+        masked = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+        rest = self.render_chat(masked, add_generation_prompt=add_generation_prompt)
+        ids: list[int] = []
+        for mark, message in zip(marks, messages):
+            head, found, rest = rest.partition(mark)
+            if not found:
+                raise TokenizerError(f"{self._path.parent}: the chat template does not place each "
+                                     "message's content once, in order")
+            ids += self.encode(head) + self._plain_ids(str(message.get("content", "")))
+        return ids + self.encode(rest)
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """Ids of `text` with special-token strings tokenised as ordinary text."""
+        self._tok.encode_special_tokens = True
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = False
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
