@@ -54,6 +54,7 @@ from jax.sharding import Mesh
 from jaxttt import config as C
 from jaxttt import runs, sharding
 from jaxttt.config import DiscoverConfig, _check
+from jaxttt.data.chat_prompts import use_chat
 from jaxttt.discover import adapter_files
 from jaxttt.discover.env import EnvError
 from jaxttt.discover.loop import (Rollouts, _fresh_copy, evaluate, prompt_ids, reward_stats,
@@ -107,18 +108,6 @@ class DiscoverSetConfig(DiscoverConfig):
 # --------------------------------------------------------------------------------------------
 # Sampling many prompts in one call
 # --------------------------------------------------------------------------------------------
-def encode_prompt_text(tokenizer, text: str, max_seq_len: int, max_new_tokens: int) -> list[int]:
-    """An instruct model's tokenizer (one with a chat template): `text` as the user turn of its
-    chat template, left-truncated to leave room for the answer; otherwise discover's raw-text
-    `prompt_ids`."""
-    if not getattr(tokenizer, "chat_template", None):
-        return prompt_ids(tokenizer, text, max_seq_len, max_new_tokens)
-    room = max_seq_len - max_new_tokens
-    if room < 2:
-        prompt_ids(tokenizer, text, max_seq_len, max_new_tokens)  # raises naming the key
-    return tokenizer.chat_ids([{"role": "user", "content": text}])[-room:]
-
-
 def sample_groups(model: nnx.Module, tokenizer, prompts: Sequence[str], counts: Sequence[int],
                   key: jax.Array, cfg: DiscoverConfig, *, use_lora: bool = True, ttt: bool = False,
                   temperature: float | None = None, max_new_tokens: int | None = None,
@@ -133,7 +122,8 @@ def sample_groups(model: nnx.Module, tokenizer, prompts: Sequence[str], counts: 
     if temperature is not None:
         how = {**how, "temperature": temperature, "greedy": temperature == 0}
     max_new = max_new_tokens or sc.max_new_tokens
-    ids = [encode_prompt_text(tokenizer, p, model.cfg.max_seq_len, max_new) for p in prompts]
+    chat = use_chat(tokenizer, cfg.chat)
+    ids = [prompt_ids(tokenizer, p, model.cfg.max_seq_len, max_new, chat=chat) for p in prompts]
     rows = [i for i, n in enumerate(counts) for _ in range(n)]
     chunk = max_rows or len(rows)
     completions: list[list[int]] = []
