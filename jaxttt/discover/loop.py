@@ -347,11 +347,19 @@ def run_discover(model: nnx.Module, tokenizer, cfg: DiscoverConfig, out_dir: str
     mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
     C.save_yaml(cfg, run_dir / CONFIG_FILE)
     t0 = time.perf_counter()
-    run = DiscoverRun(model, tokenizer, env, cfg, mesh, run_dir)
-    bar = _progress(cfg.steps, progress)
-    for t in range(1, cfg.steps + 1):
-        rec = run.step(t)
-        _show(bar, rec)
+    return drive(DiscoverRun(model, tokenizer, env, cfg, mesh, run_dir), cfg.steps, t0,
+                 progress=progress, source=source)
+
+
+def drive(run, steps: int, t0: float, *, progress: bool, source: str | None,
+          desc: str = "discover", show=None) -> dict[str, Any]:
+    """Steps 1..`steps` of a run (`step`, `summary`, `write_result`) with a progress bar whose
+    postfix `show(bar, record)` writes (default: discover's); the summary it writes and returns
+    counts wall time from `t0`."""
+    show = show or _show
+    bar = _progress(steps, progress, desc)
+    for t in range(1, steps + 1):
+        show(bar, run.step(t))
     if bar is not None:
         bar.close()
     summary = run.summary(time.perf_counter() - t0, source)
@@ -371,11 +379,11 @@ def run_discover_from_checkpoint(ckpt: str | Path, cfg: DiscoverConfig, out_dir:
                         progress=progress, source=str(ckpt))
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "discover"):
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc="discover", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
 
 
 def _show(bar, rec: dict[str, Any]) -> None:

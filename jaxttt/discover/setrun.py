@@ -57,8 +57,8 @@ from jaxttt.config import DiscoverConfig, _check
 from jaxttt.data.chat_prompts import use_chat
 from jaxttt.discover import adapter_files
 from jaxttt.discover.env import EnvError
-from jaxttt.discover.loop import (Rollouts, _fresh_copy, evaluate, prompt_ids, reward_stats,
-                                  rollout_records, seed_reward)
+from jaxttt.discover.loop import (Rollouts, _fresh_copy, drive, evaluate, prompt_ids,
+                                  reward_stats, rollout_records, seed_reward)
 from jaxttt.discover.problemset import Pick, ProblemSet, SetArchive, load_problem_sets, solved
 from jaxttt.discover.step import DiscoverTrainer, rollout_sampling
 from jaxttt.model import lora
@@ -389,15 +389,8 @@ def run_discover_set(model: nnx.Module, tokenizer, cfg: DiscoverSetConfig, out_d
         run.save_adapters(0)
     if cfg.hot_swap_eval and len(heldout):
         run.benchmark(0)
-    bar = _progress(cfg.steps, progress)
-    for t in range(1, cfg.steps + 1):
-        rec = run.step(t)
-        _show(bar, rec)
-    if bar is not None:
-        bar.close()
-    summary = run.summary(time.perf_counter() - t0, source)
-    run.write_result(summary)
-    return summary
+    return drive(run, cfg.steps, t0, progress=progress, source=source, desc="discover-set",
+                 show=_show)
 
 
 def run_discover_set_from_checkpoint(ckpt: str | Path, cfg: DiscoverSetConfig, out_dir: str | Path, *,
@@ -415,13 +408,6 @@ def run_discover_set_from_checkpoint(ckpt: str | Path, cfg: DiscoverSetConfig, o
               model.cfg.n_layers, model.cfg.d_model, tok.vocab_size, time.perf_counter() - t0)
     return run_discover_set(model, tok, cfg, out_dir, problems=problems, heldout=heldout,
                             mesh=mesh, progress=progress, source=str(ckpt))
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="discover-set", unit="step", dynamic_ncols=True)
 
 
 def _show(bar, rec: dict[str, Any]) -> None:
