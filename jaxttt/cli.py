@@ -20,11 +20,13 @@ import sys
 COMMAND_MODULES = (
     "jaxttt.data.commands",  # tokenizer, data
     "jaxttt.train.commands",  # pretrain, sample
+    "jaxttt.train.depth_commands",  # depth-study
     "jaxttt.model.commands",  # convert, export
     "jaxttt.eval.commands",  # eval
     "jaxttt.eval.codeeval_commands",  # codeeval
     "jaxttt.discover.commands",  # discover
     "jaxttt.discover.set_commands",  # discover-set
+    "jaxttt.discover.compare_commands",  # discover-compare
     "jaxttt.sdft.commands",  # sdft, consolidate
     "jaxttt.seal.commands",  # serve-ttt, seal-query, seal-bench
     "jaxttt.ponder.commands",  # ponder train, ponder eval
