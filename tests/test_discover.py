@@ -195,6 +195,69 @@ def test_masked_logprob_sums_follow_f3_indexing():
     assert got[3] == 0.0  # the mesh padding row is fully masked
 
 
+def test_chunked_logprobs_equal_full_logits_in_value_and_gradient():
+    """Chunked log-probs from hidden states = token_logprobs of the full logits where masked
+    in (chunks that do not divide T included), 0 elsewhere; the same gradients."""
+    from jaxttt.model.transformer import chunked_token_logprobs, token_logprobs
+    k = jax.random.split(jax.random.key(1), 3)
+    h_BTD = jax.random.normal(k[0], (3, 13, 8))
+    w_DV = jax.random.normal(k[1], (8, 40))
+    targets_BT = jax.random.randint(k[2], (3, 13), 0, 40)
+    mask_BT = jnp.zeros((3, 13)).at[0, 9:].set(1).at[1, 2:5].set(1)  # row 2: a prompt only
+    full = lambda h, w: token_logprobs(h @ w, targets_BT) * mask_BT
+    for chunk in (1, 4, 5, 64):
+        got = chunked_token_logprobs(h_BTD, w_DV, targets_BT, mask_BT, chunk)
+        np.testing.assert_allclose(got, full(h_BTD, w_DV), rtol=1e-5, atol=1e-5)
+        g_got = jax.grad(lambda h, w: jnp.sum(
+            chunked_token_logprobs(h, w, targets_BT, mask_BT, chunk) ** 2), (0, 1))(h_BTD, w_DV)
+        g_want = jax.grad(lambda h, w: jnp.sum(full(h, w) ** 2), (0, 1))(h_BTD, w_DV)
+        for a, b in zip(g_got, g_want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(chunked_token_logprobs(h_BTD, w_DV, targets_BT, mask_BT, 4))[2] == 0)
+
+
+@pytest.mark.parametrize("importance", [None, (0.8, 0.9, 5)])
+def test_discover_loss_matches_the_full_logits_formula(theta0, importance):
+    """The chunked DiscoverLoss = shaped_reinforce_loss on full [R, W, V] logits (value and
+    adapter gradients), with and without capped importance weights."""
+    from jaxttt.discover.step import DiscoverLoss, sampler_logprobs, shaped_reinforce_loss
+    from jaxttt.model.transformer import token_logprobs
+    model = lora.add_lora(_base(theta0), _cfg().lora, seed=0)
+    lora_state = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.tree.map(lambda x: x + 0.05, lora_state))  # θ != θ0
+    prompts, completions = _rows()
+    b = build_batch(prompts, completions, pad_id=0, width=32, rows_multiple=1)
+    b = {k: jnp.asarray(v) for k, v in b.items()}
+    b["adv"] = jnp.asarray([0.5, -1.0, 0.25, 0.25])
+    b["weight"] = jnp.asarray([0.25, 0.25, 0.25, 0.0])
+
+    def reference(m, b):
+        logits = m(b["tokens"], use_lora=True)
+        base = jax.lax.stop_gradient(token_logprobs(m(b["tokens"], use_lora=False), b["targets"]))
+        log_q = None if importance is None else sampler_logprobs(
+            jax.lax.stop_gradient(logits), b["targets"], *importance) * b["mask"]
+        return shaped_reinforce_loss(token_logprobs(logits, b["targets"]), base, b["mask"],
+                                     b["adv"], b["weight"], 0.1, "per_token_centered", log_q)
+
+    chunked = DiscoverLoss(0.1, "per_token_centered", importance, chunk=8)
+    grad = lambda fn: nnx.grad(lambda m: fn(m, b)[0], argnums=nnx.DiffState(0, nnx.LoRAParam))
+    (l1, a1), (l2, a2) = chunked(model, b), reference(model, b)
+    np.testing.assert_allclose(l1, l2, rtol=1e-4, atol=1e-6)
+    for k in a2:
+        np.testing.assert_allclose(a1[k], a2[k], rtol=1e-4, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(grad(chunked)(model)), jax.tree.leaves(grad(reference)(model))):
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-6)
+
+
+def test_an_update_without_signal_runs_no_program_and_counts_a_skip(theta0, monkeypatch):
+    tr = _trainer(theta0)
+    prompts, completions = _rows()
+    monkeypatch.setattr(tr.core, "step", lambda *a, **k: pytest.fail("forward pass ran"))
+    m = tr.update(prompts, completions, np.full((1, 4), 0.3))
+    assert not m["updated"] and tr.core.skipped == 1 and tr.n_updates == 0
+    assert m["lr"] == pytest.approx(float(tr.core.current_lr()))
+
+
 # ---- end-to-end -----------------------------------------------------------------------------
 # Dense rewards (a random-init model still gets a spread) and short prompts: at most 6 ASCII
 # letters of state keep every prompt in one 32-token bucket, so the run compiles once.

@@ -12,7 +12,7 @@ For the N actions a_n sampled from one start state (a group; G groups per update
           rows (0 on dropped groups and mesh padding), times the importance weight
           min(1, π_θ(a)/q(a)) under `rollout_policy=importance` (q: the truncated sampler).
 Groups whose rewards are all equal carry no signal and are dropped; if no group is left the
-step has no tokens and the trainer skips it (adapters and optimiser state bitwise unchanged),
+update is skipped before any forward pass and counted by the trainer (adapters and optimiser state bitwise unchanged),
 as it does for a non-finite loss or gradient (e.g. a reward of 1e300, inf in float32).
 
 Every batch entry is per row, so the update is the trainer's one jitted program; rows are
@@ -34,7 +34,7 @@ from jaxttt import sharding
 from jaxttt.config import DiscoverConfig
 from jaxttt.discover.objective import GroupAdvantages, group_advantages
 from jaxttt.model.lora import has_lora
-from jaxttt.model.transformer import token_logprobs
+from jaxttt.model.transformer import chunked_token_logprobs, map_logit_chunks, token_logprobs
 from jaxttt.sampling import bucket, filter_probs, pack_sequences
 from jaxttt.train.trainer import ADAPTERS, Trainer
 
@@ -69,6 +69,17 @@ def sampler_logprobs(logits_RWV, targets_RW, temperature: float, top_p: float, t
     return jnp.log(jnp.maximum(q_RW, 1e-30))
 
 
+def chunked_sampler_logprobs(h_RWD, w_DV, targets_RW, mask_RW, importance, chunk: int):
+    """`sampler_logprobs` of the logits h @ w, `chunk` positions at a time (0 where unmasked)."""
+    c = max(1, min(chunk, targets_RW.shape[1]))
+
+    def log_q(logits_RcV, start):
+        return sampler_logprobs(logits_RcV, jax.lax.dynamic_slice_in_dim(targets_RW, start, c, 1),
+                                *importance)
+
+    return map_logit_chunks(log_q, h_RWD, w_DV, mask_RW, c)
+
+
 def shaped_reinforce_loss(logp_RW, base_RW, mask_RW, adv_R, weight_R, kl_lambda: float,
                           kl_shaping: str = "sequence", log_q_RW=None):
     """−Σ_n w_n Σ_t Â_{n,t} log π_θ(a_{n,t}) from per-token log-probs (see the module docstring):
@@ -97,20 +108,29 @@ def shaped_reinforce_loss(logp_RW, base_RW, mask_RW, adv_R, weight_R, kl_lambda:
 @dataclasses.dataclass(frozen=True)
 class DiscoverLoss:
     """`shaped_reinforce_loss` of a model on per-row batches: tokens, targets, mask [R, W];
-    adv, weight [R] (weight = 1/(valid groups · N) on live rows, else 0)."""
+    adv, weight [R] (weight = 1/(valid groups · N) on live rows, else 0).
+
+    Log-probs come from the final hidden states `chunk` positions at a time and only where
+    `mask` (the action tokens) is set: full [R, W, V] logits never exist (at R·W = 8k and a
+    49k vocabulary they alone would be 1.6 GB per copy, and the update held several).
+    """
     kl_lambda: float
     kl_shaping: str = "sequence"
     importance: tuple[float, float, int] | None = None  # sampler (temperature, top_p, top_k)
+    chunk: int = 64
 
     def __call__(self, model: nnx.Module, b: Batch):
-        logits_RWV = model(b["tokens"], use_lora=True)
-        logp_RW = token_logprobs(logits_RWV, b["targets"])
-        base_RW = jax.lax.stop_gradient(token_logprobs(model(b["tokens"], use_lora=False),
-                                                       b["targets"]))
+        w_DV = model.unembed_matrix()
+        h_RWD = model.hidden(b["tokens"], use_lora=True)
+        logp_RW = chunked_token_logprobs(h_RWD, w_DV, b["targets"], b["mask"], self.chunk)
+        h0_RWD = jax.lax.stop_gradient(model.hidden(b["tokens"], use_lora=False))
+        w0_DV = jax.lax.stop_gradient(w_DV)
+        base_RW = chunked_token_logprobs(h0_RWD, w0_DV, b["targets"], b["mask"], self.chunk)
         log_q_RW = None
         if self.importance is not None:
-            log_q_RW = sampler_logprobs(jax.lax.stop_gradient(logits_RWV), b["targets"],
-                                        *self.importance)
+            log_q_RW = chunked_sampler_logprobs(jax.lax.stop_gradient(h_RWD), w0_DV,
+                                                b["targets"], b["mask"], self.importance,
+                                                self.chunk)
         return shaped_reinforce_loss(logp_RW, base_RW, b["mask"], b["adv"], b["weight"],
                                      self.kl_lambda, self.kl_shaping, log_q_RW)
 
@@ -213,9 +233,17 @@ class DiscoverTrainer:
         batch = build_batch(prompts, completions, pad_id=self.pad_id, width=width,
                             rows_multiple=self.rows_multiple)
         batch.update(row_weights(adv, len(batch["tokens"])))
-        m = self.core.step(batch)
-        updated = not m.pop("skipped")
-        m.pop("n_tokens", None)
+        if not np.any(np.asarray(adv.valid_G)):
+            # No group has a reward spread: nothing to learn, so no forward or backward pass.
+            # What the jitted update would report for a batch without live rows.
+            self.core.skip()
+            m = {"loss": 0.0, "grad_norm": 0.0, "logp_theta": 0.0, "kl": 0.0,
+                 "lr": self.core.current_lr()}
+            updated = False
+        else:
+            m = self.core.step(batch)
+            updated = not m.pop("skipped")
+            m.pop("n_tokens", None)
         return {**m, "updated": updated, "beta": np.asarray(adv.beta_G).tolist(),
                 "n_valid_groups": int(np.sum(np.asarray(adv.valid_G)))}
 

@@ -4,6 +4,8 @@ Dimension letters: B batch, T time, N streams, D model, V vocab, L layers.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -175,6 +177,65 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32)
     picked_BT = jnp.sum(logits_BTV * onehot_BTV, axis=-1)
     return picked_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+
+
+def chunk_map(fn: Callable[[Any], jax.Array], T: int, chunk: int, B: int) -> jax.Array:
+    """Assemble [B, T] from `fn(start) -> [B, c]` over time chunks of size c = min(chunk, T).
+
+    The last chunk starts at T − c (it may overlap its neighbour; overlapped positions are
+    written twice with identical values, and their gradient counts once). The body is
+    rematerialised, so the backward pass keeps no per-chunk [B, c, V] residuals.
+    """
+    c = max(1, min(chunk, T))
+    n = -(-T // c)
+    body_fn = jax.checkpoint(fn)
+
+    def body(out_BT, i):
+        start = jnp.minimum(i * c, T - c)
+        return jax.lax.dynamic_update_slice_in_dim(out_BT, body_fn(start), start, axis=1), None
+
+    out_BT, _ = jax.lax.scan(body, jnp.zeros((B, T), jnp.float32), jnp.arange(n))
+    return out_BT
+
+
+def map_logit_chunks(fn: Callable[[jax.Array, Any], jax.Array], h_BTD: jax.Array,
+                     w_DV: jax.Array, mask_BT: jax.Array, chunk: int = 64) -> jax.Array:
+    """[B, T] = fn(logits [B, c, V] float32, start) over time chunks, zero where `mask` is 0.
+
+    Logits are formed from hidden states `chunk` positions at a time, so no [B, T, V] tensor
+    exists in the forward or the backward pass; a chunk with no masked-in position (a prompt)
+    is not unembedded at all.
+    """
+    B, T, _ = h_BTD.shape
+    if T == 0:
+        return jnp.zeros((B, 0), jnp.float32)
+    c = max(1, min(chunk, T))
+    mask_BT = mask_BT.astype(jnp.float32)
+
+    def one(start):
+        m_Bc = jax.lax.dynamic_slice_in_dim(mask_BT, start, c, axis=1)
+
+        def live(_):
+            h_BcD = jax.lax.dynamic_slice_in_dim(h_BTD, start, c, axis=1)
+            logits_BcV = jnp.einsum("bcd,dv->bcv", h_BcD, w_DV,
+                                    preferred_element_type=jnp.float32)
+            return fn(logits_BcV, start).astype(jnp.float32)
+
+        return jax.lax.cond(jnp.any(m_Bc > 0), live, lambda _: jnp.zeros((B, c), jnp.float32),
+                            None)
+
+    return chunk_map(one, T, c, B) * mask_BT
+
+
+def chunked_token_logprobs(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
+                           mask_BT: jax.Array, chunk: int = 64) -> jax.Array:
+    """`token_logprobs(h @ w, targets)` where `mask` is 1 (else 0), `chunk` positions at a time."""
+    c = max(1, min(chunk, targets_BT.shape[1]))
+
+    def logp(logits_BcV, start):
+        return token_logprobs(logits_BcV, jax.lax.dynamic_slice_in_dim(targets_BT, start, c, 1))
+
+    return map_logit_chunks(logp, h_BTD, w_DV, mask_BT, c)
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT=None) -> jax.Array:

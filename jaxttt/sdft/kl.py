@@ -23,10 +23,12 @@ to logits inside the chunk, so full [B, T, V] logits never exist. Preferred path
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
+
+from jaxttt.model.transformer import chunk_map
 
 Array = jax.Array
 Direction = Literal["reverse", "forward"]
@@ -58,25 +60,6 @@ def masked_mean(x_BT: Array, mask_BT: Array) -> Array:
     return jnp.sum(jnp.where(mask_BT, x_BT, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def _chunk_map(fn: Callable[[int], Array], T: int, chunk: int, B: int) -> Array:
-    """Assemble [B, T] from `fn(start) -> [B, c]` over time chunks of size c = min(chunk, T).
-
-    The last chunk starts at T − c (it may overlap its neighbour; overlapped positions are
-    written twice with identical values, and their gradient counts once). The body is
-    rematerialised, so the backward pass keeps no per-chunk [B, c, V] residuals.
-    """
-    c = max(1, min(chunk, T))
-    n = -(-T // c)
-    body_fn = jax.checkpoint(fn)
-
-    def body(out_BT, i):
-        start = jnp.minimum(i * c, T - c)
-        return jax.lax.dynamic_update_slice_in_dim(out_BT, body_fn(start), start, axis=1), None
-
-    out_BT, _ = jax.lax.scan(body, jnp.zeros((B, T), jnp.float32), jnp.arange(n))
-    return out_BT
-
-
 @partial(jax.jit, static_argnames=("direction", "chunk",))
 def chunked_token_kl(student_logits_BTV: Array, teacher_logits_BTV: Array, mask_BT: Array,
                      direction: Direction = "reverse", chunk: int = 64) -> Array:
@@ -92,7 +75,7 @@ def chunked_token_kl(student_logits_BTV: Array, teacher_logits_BTV: Array, mask_
         t_BcV = jax.lax.dynamic_slice_in_dim(teacher_logits_BTV, start, c, axis=1)
         return token_kl(s_BcV, t_BcV, direction)
 
-    return jnp.where(mask_BT, _chunk_map(kl_chunk, T, chunk, B), 0.0)
+    return jnp.where(mask_BT, chunk_map(kl_chunk, T, chunk, B), 0.0)
 
 
 @partial(jax.jit, static_argnames=("direction", "chunk",))
@@ -120,7 +103,7 @@ def chunked_kl_from_hidden(h_student_BTD: Array, h_teacher_BTD: Array, w_unembed
         t_BcV = jnp.einsum("bcd,dv->bcv", ht_BcD, w_t_DV, preferred_element_type=jnp.float32)
         return token_kl(s_BcV, t_BcV, direction)
 
-    return jnp.where(mask_BT, _chunk_map(kl_chunk, T, chunk, B), 0.0)
+    return jnp.where(mask_BT, chunk_map(kl_chunk, T, chunk, B), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,6 +257,14 @@ class Trainer:
         """Optimizer updates applied (skipped ones excluded): what the schedule follows."""
         return int(update_count(self.opt_state))
 
+    def skip(self) -> None:
+        """Count an update the caller decided not to run (weights and optimizer untouched)."""
+        self._skipped = self._counter(self.skipped + 1)
+
+    def current_lr(self) -> float:
+        """The learning rate the next applied update would use."""
+        return float(lr_schedule(self.optim, self.total_steps)(update_count(self.opt_state)))
+
     def reset(self) -> None:
         """A fresh optimizer state (update count 0); the weights are left as they are."""
         self.opt_state = self._init_opt(self.params)
