@@ -211,7 +211,7 @@ def test_importance_weights_are_truncated_ratios():
 
     def loss(log_q):
         return shaped_reinforce_loss(theta_RW, base_RW, mask_RW, rows["adv"], rows["weight"], 0.0,
-                                     log_q_RW=log_q)[0]
+                                     log_q_BW=log_q)[0]
 
     plain = shaped_reinforce_loss(theta_RW, base_RW, mask_RW, rows["adv"], rows["weight"], 0.0)[0]
     np.testing.assert_allclose(loss(theta_RW), plain, rtol=1e-6)  # q = π: weight 1

@@ -54,64 +54,64 @@ def rollout_sampling(cfg: DiscoverConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------
-def masked_logprob_sums(logits_RWV, targets_RW, mask_RW) -> jax.Array:
+def masked_logprob_sums(logits_BWV, targets_BW, mask_BW) -> jax.Array:
     """Σ_t mask · log p(target_t) per row: with `pack_sequences` rows, log π(a | prompt) (F3)."""
-    return jnp.sum(token_logprobs(logits_RWV, targets_RW) * mask_RW, axis=-1)
+    return jnp.sum(token_logprobs(logits_BWV, targets_BW) * mask_BW, axis=-1)
 
 
-def sampler_logprobs(logits_RWV, targets_RW, temperature: float, top_p: float, top_k: int):
+def sampler_logprobs(logits_BWV, targets_BW, temperature: float, top_p: float, top_k: int):
     """log q(target) under the truncated sampler (temperature, top-k, top-p) per position."""
-    R, W, V = logits_RWV.shape
-    w_XV = filter_probs(logits_RWV.reshape(R * W, V).astype(jnp.float32), temperature, top_p,
+    B, W, V = logits_BWV.shape
+    w_XV = filter_probs(logits_BWV.reshape(B * W, V).astype(jnp.float32), temperature, top_p,
                         top_k, None)
     q_XV = w_XV / jnp.sum(w_XV, axis=-1, keepdims=True)
-    q_RW = jnp.take_along_axis(q_XV, targets_RW.reshape(-1, 1), axis=-1).reshape(R, W)
-    return jnp.log(jnp.maximum(q_RW, 1e-30))
+    q_BW = jnp.take_along_axis(q_XV, targets_BW.reshape(-1, 1), axis=-1).reshape(B, W)
+    return jnp.log(jnp.maximum(q_BW, 1e-30))
 
 
-def chunked_sampler_logprobs(h_RWD, w_DV, targets_RW, mask_RW, importance, chunk: int):
+def chunked_sampler_logprobs(h_BWD, w_DV, targets_BW, mask_BW, importance, chunk: int):
     """`sampler_logprobs` of the logits h @ w, `chunk` positions at a time (0 where unmasked)."""
-    c = max(1, min(chunk, targets_RW.shape[1]))
+    c = max(1, min(chunk, targets_BW.shape[1]))
 
-    def log_q(logits_RcV, start):
-        return sampler_logprobs(logits_RcV, jax.lax.dynamic_slice_in_dim(targets_RW, start, c, 1),
+    def log_q(logits_BcV, start):
+        return sampler_logprobs(logits_BcV, jax.lax.dynamic_slice_in_dim(targets_BW, start, c, 1),
                                 *importance)
 
-    return map_logit_chunks(log_q, h_RWD, w_DV, mask_RW, c)
+    return map_logit_chunks(log_q, h_BWD, w_DV, mask_BW, c)
 
 
-def shaped_reinforce_loss(logp_RW, base_RW, mask_RW, adv_R, weight_R, kl_lambda: float,
-                          kl_shaping: str = "sequence", log_q_RW=None):
+def shaped_reinforce_loss(logp_BW, base_BW, mask_BW, adv_B, weight_B, kl_lambda: float,
+                          kl_shaping: str = "sequence", log_q_BW=None):
     """−Σ_n w_n Σ_t Â_{n,t} log π_θ(a_{n,t}) from per-token log-probs (see the module docstring):
-    logp_RW under θ (differentiated), base_RW under θ0, log_q_RW under the sampler (None: no
+    logp_BW under θ (differentiated), base_BW under θ0, log_q_BW under the sampler (None: no
     importance weights). Returns (loss, aux: logp_theta, kl, n_tokens over the live rows)."""
-    logp_RW = logp_RW * mask_RW
-    ratio_RW = jax.lax.stop_gradient(logp_RW) - base_RW * mask_RW
-    live_R = (weight_R > 0).astype(jnp.float32)
+    logp_BW = logp_BW * mask_BW
+    ratio_BW = jax.lax.stop_gradient(logp_BW) - base_BW * mask_BW
+    live_B = (weight_B > 0).astype(jnp.float32)
     if kl_shaping == "sequence":
-        adv_RW = (adv_R - kl_lambda * jnp.sum(ratio_RW, -1))[:, None] * mask_RW
+        adv_BW = (adv_B - kl_lambda * jnp.sum(ratio_BW, -1))[:, None] * mask_BW
     else:
-        live_RW = mask_RW * live_R[:, None]
-        mean = jnp.sum(ratio_RW * live_RW) / jnp.maximum(jnp.sum(live_RW), 1.0)
-        adv_RW = (adv_R[:, None] - kl_lambda * (ratio_RW - mean)) * mask_RW
-    if log_q_RW is not None:
-        log_w_R = jnp.sum((jax.lax.stop_gradient(logp_RW) - log_q_RW) * mask_RW, -1)
-        weight_R = weight_R * jnp.minimum(jnp.exp(log_w_R), IS_CLIP)
-    loss = -jnp.sum(weight_R[:, None] * jax.lax.stop_gradient(adv_RW) * logp_RW)
-    n_live = jnp.maximum(jnp.sum(live_R), 1.0)
-    aux = {"logp_theta": jnp.sum(live_R * jnp.sum(logp_RW, -1)) / n_live,
-           "kl": jnp.sum(live_R * jnp.sum(ratio_RW, -1)) / n_live,
-           "n_tokens": jnp.sum(live_R[:, None] * mask_RW)}
+        live_BW = mask_BW * live_B[:, None]
+        mean = jnp.sum(ratio_BW * live_BW) / jnp.maximum(jnp.sum(live_BW), 1.0)
+        adv_BW = (adv_B[:, None] - kl_lambda * (ratio_BW - mean)) * mask_BW
+    if log_q_BW is not None:
+        log_w_B = jnp.sum((jax.lax.stop_gradient(logp_BW) - log_q_BW) * mask_BW, -1)
+        weight_B = weight_B * jnp.minimum(jnp.exp(log_w_B), IS_CLIP)
+    loss = -jnp.sum(weight_B[:, None] * jax.lax.stop_gradient(adv_BW) * logp_BW)
+    n_live = jnp.maximum(jnp.sum(live_B), 1.0)
+    aux = {"logp_theta": jnp.sum(live_B * jnp.sum(logp_BW, -1)) / n_live,
+           "kl": jnp.sum(live_B * jnp.sum(ratio_BW, -1)) / n_live,
+           "n_tokens": jnp.sum(live_B[:, None] * mask_BW)}
     return loss, aux
 
 
 @dataclasses.dataclass(frozen=True)
 class DiscoverLoss:
-    """`shaped_reinforce_loss` of a model on per-row batches: tokens, targets, mask [R, W];
-    adv, weight [R] (weight = 1/(valid groups · N) on live rows, else 0).
+    """`shaped_reinforce_loss` of a model on per-row batches: tokens, targets, mask [B, W];
+    adv, weight [B] (weight = 1/(valid groups · N) on live rows, else 0).
 
     Log-probs come from the final hidden states `chunk` positions at a time and only where
-    `mask` (the action tokens) is set: full [R, W, V] logits never exist (at R·W = 8k and a
+    `mask` (the action tokens) is set: full [B, W, V] logits never exist (at B·W = 8k and a
     49k vocabulary they alone would be 1.6 GB per copy, and the update held several).
     """
     kl_lambda: float
@@ -121,18 +121,18 @@ class DiscoverLoss:
 
     def __call__(self, model: nnx.Module, b: Batch):
         w_DV = model.unembed_matrix()
-        h_RWD = model.hidden(b["tokens"], use_lora=True)
-        logp_RW = chunked_token_logprobs(h_RWD, w_DV, b["targets"], b["mask"], self.chunk)
-        h0_RWD = jax.lax.stop_gradient(model.hidden(b["tokens"], use_lora=False))
+        h_BWD = model.hidden(b["tokens"], use_lora=True)
+        logp_BW = chunked_token_logprobs(h_BWD, w_DV, b["targets"], b["mask"], self.chunk)
+        h0_BWD = jax.lax.stop_gradient(model.hidden(b["tokens"], use_lora=False))
         w0_DV = jax.lax.stop_gradient(w_DV)
-        base_RW = chunked_token_logprobs(h0_RWD, w0_DV, b["targets"], b["mask"], self.chunk)
-        log_q_RW = None
+        base_BW = chunked_token_logprobs(h0_BWD, w0_DV, b["targets"], b["mask"], self.chunk)
+        log_q_BW = None
         if self.importance is not None:
-            log_q_RW = chunked_sampler_logprobs(jax.lax.stop_gradient(h_RWD), w0_DV,
+            log_q_BW = chunked_sampler_logprobs(jax.lax.stop_gradient(h_BWD), w0_DV,
                                                 b["targets"], b["mask"], self.importance,
                                                 self.chunk)
-        return shaped_reinforce_loss(logp_RW, base_RW, b["mask"], b["adv"], b["weight"],
-                                     self.kl_lambda, self.kl_shaping, log_q_RW)
+        return shaped_reinforce_loss(logp_BW, base_BW, b["mask"], b["adv"], b["weight"],
+                                     self.kl_lambda, self.kl_shaping, log_q_BW)
 
 
 def make_loss(cfg: DiscoverConfig) -> DiscoverLoss:
