@@ -2,9 +2,11 @@
 
 corpus (stdlib sources) → tokenizer → packed .bin → pretrain a tiny mHC model and the same
 model with `mhc.mode=none` → evaluate and sample → TTT-Discover on a built-in env with its
-best-of-N baseline → consolidate the discoveries with gated SDFT → evaluate again →
-`runs/demo-<time>/report.md` with the numbers and PNG plots. `--quick` is the small version
-the tests run.
+best-of-N baseline → consolidate the discoveries with gated SDFT → evaluate again (part one);
+then the same loops on a real pretrained model, `--model` (default SmolLM2-135M-Instruct,
+fetched into the cache on first use; jaxttt/demo_real.py) → `runs/demo-<time>/report.md` with
+the numbers and PNG plots, and `summary.json`. `--quick` is the small version the tests run.
+When the model cannot be fetched, one line says what to do and part one runs alone.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+
+from jaxttt.demo_real import DEFAULT_MODEL
 
 DISCOVER_ENV = "toy"
 DISCOVER_TARGET = "return"  # a word the stdlib-trained model can learn to say
@@ -38,12 +42,17 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the whole stack end to end on CPU (report.md)")
     p.add_argument("--quick", action="store_true", help="a much smaller run (used by the tests)")
     p.add_argument("--out", default="", help="run directory (default runs/demo-<time>)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="part two's model: a named model (fetched on first use), a run "
+                        "directory, hf:DIR or gguf:FILE; `none` = part one only "
+                        f"(default {DEFAULT_MODEL})")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> None:
-    out = run_demo(quick=args.quick, out=args.out or None, progress=not args.no_progress)
+    out = run_demo(quick=args.quick, out=args.out or None, progress=not args.no_progress,
+                   model=args.model)
     print(f"demo: report at {out / 'report.md'}")
 
 
@@ -61,7 +70,8 @@ def new_run_dir(out: str | Path | None) -> Path:
 
 
 class Stages:
-    """Times each stage and prints a banner, so a long run shows where it is."""
+    """Times each stage and prints a banner, so a long run shows where it is. The times live
+    in `times`, which the summary holds (so a later stage's time lands there too)."""
 
     def __init__(self, total: int):
         self.total, self.n, self.times = total, 0, {}
@@ -123,15 +133,38 @@ def _consolidate(out: Path, pretrain_run: Path, discover_run: Path, plan: DemoPl
                        min_reward=min(plan.min_reward, best), progress=progress)
 
 
-def run_demo(*, quick: bool = False, out: str | Path | None = None, progress: bool = True) -> Path:
+def run_demo(*, quick: bool = False, out: str | Path | None = None, progress: bool = True,
+             model: str = DEFAULT_MODEL) -> Path:
     """Run every stage into a new run directory; returns it (report.md inside)."""
+    from jaxttt import demo_real
     from jaxttt.train.loop import enable_compile_cache
 
     enable_compile_cache()
     plan = QUICK if quick else DemoPlan()
+    real_plan = demo_real.QUICK if quick else demo_real.RealPlan()
     out = new_run_dir(out)
-    stages = Stages(total=7)
+    stages = Stages(total=14)
     t0 = time.perf_counter()
+    model_run, skipped = stages(f"part two's model: {model}", demo_real.prepare_model, model, out)
+    if skipped is not None:
+        stages.total -= 6
+        print(f"demo: part two skipped (part one runs alone): {skipped}", flush=True)
+    summary = run_part_one(out, plan, stages, progress)
+    summary.update(model=model, real_plan=dataclasses.asdict(real_plan),
+                   real={"skipped": skipped} if skipped is not None else {"pending": True})
+    summary["stage_seconds"] = stages.times
+    _write_summary(out, summary, t0)  # part one's report is on disk before part two starts
+    write_report(out, summary)
+    if model_run is not None:
+        summary["real"] = demo_real.run_part_two(model_run, out, real_plan, stages, progress)
+        _write_summary(out, summary, t0)
+    stages("report", write_report, out, summary)
+    _write_summary(out, summary, t0)
+    return out
+
+
+def run_part_one(out: Path, plan: DemoPlan, stages: Stages, progress: bool) -> dict:
+    """The tiny models from the embedded corpus: pretrain, evaluate, discover, consolidate."""
     runs = {m: stages(f"pretrain ({m})", _pretrain, out, plan, m) for m in ("mhc", "none")}
     evals = {m: stages(f"evaluate ({m})", _evaluate, runs[m]) if m == "mhc" else _evaluate(runs[m])
              for m in ("mhc", "none")}
@@ -139,12 +172,13 @@ def run_demo(*, quick: bool = False, out: str | Path | None = None, progress: bo
     cont = stages("consolidate discoveries with gated SDFT", _consolidate, out, runs["mhc"],
                   Path(disc["run_dir"]), plan, progress)
     final = stages("evaluate the continual model", _evaluate, Path(cont["out_dir"]))
-    summary = {"plan": dataclasses.asdict(plan), "runs": {k: str(v) for k, v in runs.items()},
-               "eval": evals, "discover": disc, "continual": _brief(cont), "final_eval": final,
-               "stage_seconds": stages.times, "wall_s": round(time.perf_counter() - t0, 1)}
+    return {"plan": dataclasses.asdict(plan), "runs": {k: str(v) for k, v in runs.items()},
+            "eval": evals, "discover": disc, "continual": _brief(cont), "final_eval": final}
+
+
+def _write_summary(out: Path, summary: dict, t0: float) -> None:
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    stages("report", write_report, out, summary)
-    return out
 
 
 def _brief(cont: dict) -> dict:
@@ -157,11 +191,20 @@ def _brief(cont: dict) -> dict:
 # Report
 # --------------------------------------------------------------------------------------------
 def write_report(out: Path, summary: dict) -> Path:
-    """report.md with headline numbers and PNG plots (loss, reward vs baseline, gates, H_res)."""
+    """report.md with headline numbers and PNG plots (loss, reward vs baseline, gates, H_res;
+    part two's when it ran)."""
+    from jaxttt import demo_real
+
+    real = summary.get("real") or {"skipped": "not run"}
     figures = _figures(out, summary)
+    if "pending" not in real:
+        figures += demo_real.figures(out, real)
+    part_two = [] if "pending" in real else \
+        demo_real.report_section(real, summary.get("real_plan"), summary.get("model", ""))
     lines = ["# jaxttt demo report", "", f"Run directory: `{out.name}` — wall time "
-             f"{summary['wall_s']:.0f} s.", ""] + _pretrain_section(summary) + \
-        _discover_section(summary) + _continual_section(summary) + \
+             f"{summary['wall_s']:.0f} s.", "", "## Part one: tiny models from the embedded corpus",
+             ""] + _pretrain_section(summary) + \
+        _discover_section(summary) + _continual_section(summary) + part_two + \
         ["## Plots", ""] + [f"![{name}]({name})" for name in figures] + \
         ["", "## Stage times (s)", "", "| stage | s |", "|---|---|"] + \
         [f"| {k} | {v} |" for k, v in summary["stage_seconds"].items()]

@@ -15,7 +15,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """One `jaxttt demo --quick` run per test session, shared by the demo and notebook tests."""
+    """One `jaxttt demo --quick` run per test session, shared by the demo and notebook tests.
+    Part two runs on a tiny llama-format checkpoint written here (no download)."""
+    from _tiny_hf import write_tiny_instruct
+
     from jaxttt.demo import run_demo
 
-    return run_demo(quick=True, out=tmp_path_factory.mktemp("demo") / "demo", progress=False)
+    root = tmp_path_factory.mktemp("demo")
+    hf = write_tiny_instruct(root / "tiny-hf")
+    return run_demo(quick=True, out=root / "demo", progress=False, model=f"hf:{hf}")
