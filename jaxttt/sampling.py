@@ -199,8 +199,17 @@ def generate(model: nnx.Module, prompts: list[list[int]], key: jax.Array, *, max
                                 max_new=int(max_new_tokens), top_k=int(top_k), greedy=bool(greedy),
                                 use_lora=bool(use_lora), pad_id=int(pad_id),
                                 eos_id=None if eos_id is None else int(eos_id), slots=slots)
-    out_BM, logp_BM = np.asarray(out_BM), np.asarray(logp_BM)
+    out_BM, logp_BM = _on_host(out_BM), _on_host(logp_BM)
     return SampleOutput(out_BM, logp_BM, _lengths(out_BM, eos_id, pad_id))
+
+
+def _on_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host: rows sharded over several processes (a multi-process mesh
+    under `jax.set_mesh`) are all-gathered, so every process gets every row."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _lengths(out_BM: np.ndarray, eos_id: int | None, pad_id: int) -> np.ndarray:
