@@ -61,7 +61,8 @@ def _fake_run(d, rewards_ttt, rewards_base, rollouts=2, baseline=True, seed_rewa
     for t, (rt, rb) in enumerate(zip(rewards_ttt, rewards_base), 1):
         best_t, best_b = max(best_t, rt), max(best_b, rb)
         lines.append({"step": t, "samples": t * rollouts, "best_reward": best_t,
-                      "baseline_samples": t * rollouts, "baseline_best_reward": best_b})
+                      "baseline_samples": t * rollouts, "baseline_best_reward": best_b,
+                      "wall_s": 0.5 * t})
     (d / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     n = len(lines) * rollouts
     (d / "result.json").write_text(json.dumps({
@@ -87,6 +88,7 @@ def test_table_statistics_and_win_counts(tmp_path):
     # curves start at the seed state's reward and never decrease
     assert t["curves"][0] == [(0, 0.1), (2, 0.2), (4, 0.5)]
     assert all(np.all(np.diff([p[1] for p in c]) >= 0) for c in b["curves"])
+    assert t["ttt_s"]["per_seed"] == [1.5, 1.5, 1.5]  # the steps' own wall time, summed
     assert markdown(table).count("\n| ") == 3  # header + two arms
 
 

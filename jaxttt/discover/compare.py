@@ -18,7 +18,8 @@ Output directory:
   PRESET/seedS/      the run directories (`loop.run_discover`: log.jsonl, result.json, ...); a
                      finished one (result.json present, same config) is reused on a rerun
   compare.json       per-arm mean ± sd (over seeds) of the best reward, per-seed values, the
-                     reward-vs-samples curves, sample budgets, wall times, the configs' presets
+                     reward-vs-samples curves, sample budgets, TTT seconds per run (the steps'
+                     sampling, rewards and updates, compilation included; not the baseline's)
   compare.md         the same as a markdown table
   compare.png        best reward so far vs number of sampled actions (mean over seeds, min–max band)
 """
@@ -175,7 +176,9 @@ def run_curves(run_dir: Path) -> dict[str, Any]:
     ttt = [(0, s0)] + [(r["samples"], r["best_reward"]) for r in lines]
     base = ([(0, s0)] + [(r["baseline_samples"], r["baseline_best_reward"]) for r in lines]
             if result["config"]["baseline"] else None)
-    return {"result": result, "ttt": ttt, "baseline": base}
+    # steps' wall_s stop before the baseline's samples: TTT time alone (sample, reward, update)
+    return {"result": result, "ttt": ttt, "baseline": base,
+            "ttt_s": float(sum(r.get("wall_s", 0.0) for r in lines))}
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
@@ -191,15 +194,14 @@ def build_table(out: Path, spec: CompareSpec) -> dict[str, Any]:
     baseline: dict[str, Any] = {"best": [], "curves": [], "samples": [], "wall_s": []}
     first = spec.presets[0]
     for preset in spec.presets:
-        arm: dict[str, Any] = {"best": [], "curves": [], "samples": [], "wall_s": [],
-                               "eval_reward": []}
+        arm: dict[str, Any] = {"best": [], "curves": [], "samples": [], "wall_s": []}
         for seed in spec.seeds:
             run = run_curves(out / preset / f"seed{seed}")
             res = run["result"]
             arm["best"].append(res["best_reward"])
             arm["curves"].append(run["ttt"])
             arm["samples"].append(res["samples"])
-            arm["wall_s"].append(res["wall_s"])
+            arm["wall_s"].append(run["ttt_s"])
             if preset == first:
                 baseline["best"].append(res["baseline_best_reward"])
                 baseline["curves"].append(run["baseline"])
@@ -215,7 +217,7 @@ def build_table(out: Path, spec: CompareSpec) -> dict[str, Any]:
     for name, arm in arms.items():
         rows.append({"arm": name, "best_reward": _stats(arm["best"]),
                      "samples_per_seed": arm["samples"][0],
-                     "wall_s": _stats(arm["wall_s"]) if arm["wall_s"] else None,
+                     "ttt_s": _stats(arm["wall_s"]) if arm["wall_s"] else None,
                      "curves": arm["curves"]})
     base_best = np.asarray(baseline["best"])
     for row in rows:
@@ -224,7 +226,7 @@ def build_table(out: Path, spec: CompareSpec) -> dict[str, Any]:
             row["vs_baseline"] = {"mean_diff": float(diff.mean()),
                                   "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()),
                                   "losses": int((diff < 0).sum())}
-    return {"env": spec.env, "problem_id": baseline.get("problem_id"),
+    return {"env": spec.env, "env_options": dict(spec.env_options), "problem_id": baseline.get("problem_id"),
             "seed_reward": baseline.get("seed_reward"), "seeds": list(spec.seeds),
             "presets": {p: PRESETS[p] for p in spec.presets}, "steps": spec.steps,
             "rollouts": spec.rollouts, "max_new_tokens": spec.max_new_tokens,
@@ -235,16 +237,18 @@ def build_table(out: Path, spec: CompareSpec) -> dict[str, Any]:
 def markdown(table: dict[str, Any]) -> str:
     """The table as markdown: one row per arm, best reward mean ± sd over seeds."""
     n = len(table["seeds"])
-    head = (f"**{table['env']}** — {table['steps']} steps × {table['rollouts']} actions "
+    opts = table.get("env_options") or {}
+    env = table["env"] + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else "")
+    head = (f"**{env}** — {table['steps']} steps × {table['rollouts']} actions "
             f"(max_new_tokens {table['max_new_tokens']}, T=1, top_p=1), seeds "
             f"{', '.join(map(str, table['seeds']))}; seed-state reward {table['seed_reward']:.4g}\n\n")
     lines = ["| arm | actions / seed | best reward, mean ± sd (n=%d) | min–max | per seed | "
-             "vs best-of-N (W/T/L) | wall s / run |" % n, "|---|---|---|---|---|---|---|"]
+             "vs best-of-N (W/T/L) | TTT s / run |" % n, "|---|---|---|---|---|---|---|"]
     for row in table["rows"]:
         b = row["best_reward"]
         vs = row.get("vs_baseline")
         vs_s = f"{vs['wins']}/{vs['ties']}/{vs['losses']}" if vs else "—"
-        wall = f"{row['wall_s']['mean']:.0f}" if row["wall_s"] else "(in the runs)"
+        wall = f"{row['ttt_s']['mean']:.0f}" if row["ttt_s"] else "—"
         lines.append(f"| {row['arm']} | {row['samples_per_seed']} | {b['mean']:.4g} ± {b['sd']:.2g} "
                      f"| {b['min']:.4g}–{b['max']:.4g} | "
                      f"{', '.join(format(x, '.4g') for x in b['per_seed'])} | {vs_s} | {wall} |")
@@ -267,7 +271,9 @@ def plot(table: dict[str, Any], path: Path) -> None:
         ax.fill_between(x, y.min(0), y.max(0), alpha=0.15)
     ax.set_xlabel("sampled actions (count)")
     ax.set_ylabel("best reward so far (env units)")
-    ax.set_title(f"{table['env']}: mean over seeds, band = min–max", fontsize=10)
+    opts = "".join(f" {k}={v}" for k, v in (table.get("env_options") or {}).items())
+    ax.set_title(f"{table['env']}{opts}: mean over {len(table['seeds'])} seeds, band = min–max",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
