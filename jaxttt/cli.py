@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "jaxttt.discover.set_commands",  # discover-set
     "jaxttt.discover.compare_commands",  # discover-compare
     "jaxttt.sdft.commands",  # sdft, consolidate
+    "jaxttt.sdft.compare_commands",  # sdft-compare
     "jaxttt.seal.commands",  # serve-ttt, seal-query, seal-bench
     "jaxttt.ponder.commands",  # ponder train, ponder eval
     "jaxttt.bench",  # bench
