@@ -33,6 +33,13 @@ OVERHEAD = {"gated": "signal", "gated_lag1": "signal", "ppo": "features", "ppo_l
 def evaluate_seed(runner: ChunkRunner, tokenizer, tcfg: PonderTrainConfig, ecfg: PonderEvalConfig,
                   *, seed: int, block: int = 0, progress=print) -> dict:
     """One seed: per-method actions [C], the [C, A] loss table, FLOPs and the execution check."""
+    scored = score_seed(runner, tokenizer, tcfg, ecfg, seed=seed, block=block, progress=progress)
+    return decide_seed(runner, scored, ecfg, seed=seed, progress=progress)
+
+
+def score_seed(runner: ChunkRunner, tokenizer, tcfg: PonderTrainConfig, ecfg: PonderEvalConfig,
+               *, seed: int, block: int = 0, progress=print) -> dict:
+    """The budget-free part of a seed: chunks, [C, A] loss tables, gate signal, PPO features."""
     T, B, vocab = tcfg.chunk_len, ecfg.batch_size, runner.vocab
     val = ecfg.val or str(default_bin(tokenizer, "val"))
     train = ecfg.train or str(default_bin(tokenizer, "train"))
@@ -45,22 +52,31 @@ def evaluate_seed(runner: ChunkRunner, tokenizer, tcfg: PonderTrainConfig, ecfg:
     signal = runner.signal(x, B)
     feats_t, feats = normalise(runner.features(xt, B, vocab=vocab, eos_id=tokenizer.eos_id),
                                runner.features(x, B, vocab=vocab, eos_id=tokenizer.eos_id))
+    return {"x": x, "y": y, "losses": losses, "signal": signal,
+            "table_t": ChunkTable(losses_t, feats_t, None),
+            "table": ChunkTable(losses, feats, signal), "flops": runner.flops(B, T, runner.d_model)}
+
+
+def decide_seed(runner: ChunkRunner, scored: dict, ecfg: PonderEvalConfig, *, seed: int,
+                progress=print) -> dict:
+    """Every method's actions at `ecfg.budget` on a scored seed, and the execution check."""
+    x, y, losses = scored["x"], scored["y"], scored["losses"]
     rate, a = ecfg.target_rate, ecfg.gate_action
     gate = lambda lag: P.ThresholdGate(rate, action=a, calib=ecfg.calib_chunks, ema=ecfg.gate_ema,  # noqa: E731
                                        kp=ecfg.gate_kp, ki=ecfg.gate_ki, kd=ecfg.gate_kd,
-                                       lag=lag).run(signal)[0]
+                                       lag=lag).run(scored["signal"])[0]
     actions = {name: P.fixed(len(x), i) for i, name in enumerate(ACTIONS)}
     actions.update(random=P.random_rate(len(x), rate, a, seed), oracle=P.oracle_top(losses, rate, a),
                    oracle_best=P.oracle_best(losses), gated=gate(0), gated_lag1=gate(1))
-    table_t, table = ChunkTable(losses_t, feats_t, None), ChunkTable(losses, feats, signal)
     for lag, name in ((0, "ppo"), (1, "ppo_lag1")):
-        progress(f"seed {seed}: training {name} ({ecfg.ppo_iters} PPO iterations)")
-        policy = train_ppo(table_t, ecfg, seed=seed, lag=lag)
-        actions[name] = run_ppo(policy, table, ecfg)
+        progress(f"seed {seed}: training {name} ({ecfg.ppo_iters} PPO iterations, "
+                 f"budget {ecfg.budget:g})")
+        policy = train_ppo(scored["table_t"], ecfg, seed=seed, lag=lag)
+        actions[name] = run_ppo(policy, scored["table"], ecfg)
     executed = runner.run(x, y, actions["gated"])
     check = float(np.max(np.abs(executed - losses[np.arange(len(x)), actions["gated"]])))
     return {"actions": actions, "losses": losses, "executed_check": check,
-            "flops": runner.flops(B, T, runner.d_model)}
+            "flops": scored["flops"]}
 
 
 def summarise(seeds: list[dict], ecfg: PonderEvalConfig, *, ttt_dims: dict) -> dict:
@@ -100,6 +116,7 @@ def summarise(seeds: list[dict], ecfg: PonderEvalConfig, *, ttt_dims: dict) -> d
         per[m]["recovery_per_seed"] = rec
         finite = [r for r in rec if np.isfinite(r)]
         per[m]["recovery_iqm"] = stats.iqm(finite) if finite else float("nan")
+        per[m]["recovery_seed_mean"], per[m]["recovery_seed_sd"] = _mean_sd(finite)
     analytic = {a: analytic_ttt_flops(**ttt_dims, steps=s) for a, s in zip(ACTIONS, STEPS)}
     return {"methods": per, "flops_per_chunk_hlo": flops,
             "ttt_flops_per_token_analytic": analytic,
@@ -107,6 +124,14 @@ def summarise(seeds: list[dict], ecfg: PonderEvalConfig, *, ttt_dims: dict) -> d
             "target_rate": ecfg.target_rate, "budget": ecfg.budget,
             "gate_action": ACTIONS[ecfg.gate_action], "seeds": len(seeds),
             "executed_check_max_abs": max(s["executed_check"] for s in seeds)}
+
+
+def _mean_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (ddof 1; sd 0 for one, nan for none)."""
+    v = np.asarray(values, np.float64).ravel()
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
 def pareto_plot(summary: dict, path: Path) -> Path:
@@ -135,6 +160,47 @@ def pareto_plot(summary: dict, path: Path) -> Path:
                  "o = Pareto front)",
                  fontsize=9)
     ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+POLICIES = ("random", "gated", "gated_lag1", "ppo", "ppo_lag1")  # methods that spend a budget
+
+
+def write_recovery(summaries: list[dict], out: Path) -> Path:
+    """Recovery vs budget over several `summarise` results: recovery.json + recovery.png."""
+    budgets = [s["budget"] for s in summaries]
+    table = {m: {key: [s["methods"][m][src] for s in summaries] for key, src in
+                 (("mean", "recovery_seed_mean"), ("sd", "recovery_seed_sd"),
+                  ("per_seed", "recovery_per_seed"), ("update_rate", "update_rate"),
+                  ("cost", "cost"), ("delta_vs_skip", "delta_vs_skip"))}
+             for m in summaries[0]["methods"]}
+    path = out / "recovery.json"
+    path.write_text(json.dumps({"budgets": budgets, "seeds": summaries[0]["seeds"],
+                                "target_rate": [s["target_rate"] for s in summaries],
+                                "methods": table}, indent=2, default=_json) + "\n")
+    recovery_plot(budgets, table, summaries[0]["seeds"], out / "recovery.png")
+    return path
+
+
+def recovery_plot(budgets: list[float], table: dict, n_seeds: int, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxttt.eval.plots import save
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, m in enumerate(POLICIES):
+        shift = (i - (len(POLICIES) - 1) / 2) * 0.012 * (max(budgets) - min(budgets) or 1)
+        ax.errorbar([b + shift for b in budgets], table[m]["mean"], yerr=table[m]["sd"],
+                    fmt="o-", capsize=3, label=m)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="oracle (same rate) = 1")
+    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("budget: mean nominal cost per chunk (x one forward; SKIP = 1)")
+    ax.set_ylabel("recovery = (SKIP - method) / (SKIP - oracle) (fraction)")
+    ax.set_title(f"PonderTTT recovery vs budget (mean ± sd over {n_seeds} seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return save(fig, path)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -39,12 +40,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run directory, converted model, or a named model")
     _server_args(b)
     b.add_argument("--passages", type=int, default=24)
-    b.add_argument("--seed", type=int, default=0, help="knowledge-set seed")
+    b.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="one or more seeds; each draws its own passages and seeds its requests' "
+                        "adapter init and shuffling (several: one server, spread over seeds)")
     b.add_argument("--epochs", type=int, default=10)
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--rank", type=int, default=32)
     b.add_argument("--alpha", type=float, default=64.0)
     b.add_argument("--out", default=None, help="JSON report")
+    b.add_argument("--plot", default=None,
+                   help="PNG of per-passage accuracy, baseline vs adapted (default: none)")
     b.set_defaults(func=_bench)
 
 
@@ -126,13 +131,25 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from jaxttt.seal.bench import run_bench
+    from jaxttt.seal.bench import plot_seeds, run_bench, run_seeds
 
+    if args.passages < 1:
+        raise ValueError(f"--passages: expected a positive integer, got {args.passages}")
+    if any(not 0 <= s < 2**31 for s in args.seed):
+        raise ValueError(f"--seed: expected integers in [0, 2**31), got {args.seed}")
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"{flag}: the folder of {path!r} does not exist")
     engine = build_engine(args)
     hparams = dict(finetune_epochs=args.epochs, finetune_lr=args.lr, lora_rank=args.rank,
                    lora_alpha=args.alpha)
-    report = run_bench(engine, n=args.passages, seed=args.seed, hparams=hparams)
+    seeds = list(dict.fromkeys(args.seed))
+    report = (run_bench(engine, n=args.passages, seed=seeds[0], hparams=hparams)
+              if len(seeds) == 1 else
+              run_seeds(engine, n=args.passages, seeds=seeds, hparams=hparams))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    if args.plot:
+        print(f"seal-bench: plot {plot_seeds(report, args.plot)}", flush=True)
     return 0
