@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,7 +35,7 @@ from jaxttt import runs
 from jaxttt.data.chat_prompts import chat_prompt_ids, use_chat
 from jaxttt.errors import UserError
 from jaxttt.sdft import skill_tool_call as skill
-from jaxttt.sdft.data import Example, write_jsonl
+from jaxttt.sdft.data import Example
 
 # arm -> config overrides (objective, KL direction, gates); the rest is the config's
 ARMS: dict[str, tuple[str, ...]] = {
@@ -143,15 +144,24 @@ def pack_heldout(tok, path: Path, n_docs: int = HELDOUT_DOCS) -> Path:
     from jaxttt.data import corpus
     from jaxttt.data.packing import meta_path, token_dtype
 
+    if path.is_file() and meta_path(path).is_file():  # made by an earlier (or parallel) call
+        return path
     docs = list(itertools.islice(corpus.iter_documents("default:val"), n_docs))
     dtype = token_dtype(tok.vocab_size)
     ids = np.concatenate([np.asarray(d + [tok.eos_id], dtype) for d in tok.encode_batch(docs)])
-    ids.tofile(path)
     meta = {"vocab_size": tok.vocab_size, "dtype": dtype.name, "n_tokens": int(ids.size),
             "n_docs": len(docs), "eos_id": tok.eos_id, "sources": [f"default:val (first {n_docs})"],
             "tokenizer": str(tok.path)}
-    meta_path(path).write_text(json.dumps(meta, indent=2) + "\n")
+    _atomic(path, ids.tobytes())
+    _atomic(meta_path(path), (json.dumps(meta, indent=2) + "\n").encode())
     return path
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all (readers in a parallel --resume never see half a file)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +186,7 @@ def _prepare_out(out: Path, settings: dict, resume: bool) -> Path:
                             "use a new --out")
     else:
         out = runs.fresh_run_dir(out)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    _atomic(path, (json.dumps(settings, indent=2) + "\n").encode())
     return out
 
 
@@ -216,8 +226,9 @@ def compare(ckpt: str | Path, out_dir: str | Path, *, seeds: Sequence[int] = (0,
     out = _prepare_out(Path(out_dir).absolute(), settings, resume)
     train, test = skill.make_split(data_seed, n_train, n_test)
     (out / "data").mkdir(exist_ok=True)
-    write_jsonl(out / "data" / "train.jsonl", train)
-    write_jsonl(out / "data" / "test.jsonl", test)
+    for name, exs in (("train", train), ("test", test)):
+        text = "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in exs)
+        _atomic(out / "data" / f"{name}.jsonl", text.encode())
 
     model, tok, _ = runs.load_run(ckpt)
     heldout = cfg0.eval.heldout or str(pack_heldout(tok, out / "heldout.bin"))
