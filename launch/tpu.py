@@ -3,10 +3,12 @@
     python -m launch.tpu create --name my-tpu --zone us-central2-b --type v4-8
     python -m launch.tpu setup  --name my-tpu --zone us-central2-b
     python -m launch.tpu run    --name my-tpu --zone us-central2-b -- jaxttt pretrain ...
+    python -m launch.tpu run    --name my-tpu --zone us-central2-b -- jaxttt discover ...
     python -m launch.tpu logs | stop | delete --name my-tpu --zone us-central2-b
 
 Every action targets all workers of the slice (`--worker=all`). `run` starts the same command
-on each worker under nohup with JAXTTT_COORDINATOR=auto, so `init_distributed()` lets
+(any `jaxttt` subcommand with its arguments: pretrain, discover, sdft, consolidate, ...) on each
+worker under nohup with JAXTTT_COORDINATOR=auto, so `init_distributed()` lets
 `jax.distributed.initialize()` discover the slice topology. `--dry-run` prints the commands
 (shell-quoted, one per line) instead of running them.
 """
@@ -111,10 +113,26 @@ def _setup(args: argparse.Namespace) -> list[list[str]]:
     return [archive, scp, _ssh(args, setup_script(args))]
 
 
+def jaxttt_subcommand(command: Sequence[str]) -> str | None:
+    """`discover` of `jaxttt discover ...` or `python -m jaxttt.cli discover ...`, else None."""
+    words = list(command)
+    if words and Path(words[0]).name == "jaxttt":
+        return words[1] if len(words) > 1 else None
+    for i, word in enumerate(words[:-2]):
+        if word == "-m" and words[i + 1] == "jaxttt.cli":
+            return words[i + 2]
+    return None
+
+
 def remote_command(args: argparse.Namespace) -> list[str]:
     """The user's command, plus `<ckpt-key>=<ckpt-dir>` when --ckpt-dir is given."""
     if not args.command:
         raise ValueError("run: give the command after `--`, e.g. -- jaxttt pretrain --config ...")
+    sub = jaxttt_subcommand(args.command)
+    if args.ckpt_dir and args.ckpt_key == "ckpt_dir" and sub not in (None, "pretrain"):
+        raise ValueError(f"--ckpt-dir appends ckpt_dir=... which only `jaxttt pretrain` reads; "
+                         f"`jaxttt {sub}` writes its run to its --out directory (on a "
+                         "multi-host slice, a directory every worker shares)")
     extra = [f"{args.ckpt_key}={args.ckpt_dir}"] if args.ckpt_dir else []
     return list(args.command) + extra
 

@@ -82,6 +82,38 @@ def test_ckpt_dir_is_appended_as_override():
     assert tpu.remote_command(args) == ["jaxttt", "pretrain", "ckpt_dir=gs://b/r"]
 
 
+DISCOVER = ["jaxttt", "discover", "--ckpt", "smollm2-135m-instruct", "--env",
+            "circle_packing:n=26", "--out", "/mnt/shared/runs/cp", "--config",
+            "configs/discover/official.yaml", "sampling.max_new_tokens=512"]
+SDFT = ["jaxttt", "sdft", "--ckpt", "smollm2-135m-instruct", "--data", "skill.jsonl", "--out",
+        "/mnt/shared/runs/sdft", "--config", "configs/sdft/default.yaml", "eval.probes=''"]
+
+
+@pytest.mark.parametrize("command", [DISCOVER, SDFT], ids=["discover", "sdft"])
+def test_run_dry_run_starts_any_jaxttt_command_on_every_worker(command, capsys):
+    """discover and sdft start like pretraining: the same quoted command on all workers."""
+    argv = ["run", "--name", "my-tpu", "--zone", "us-west4-a", "--log-name", command[1],
+            "--dry-run", "--", *command]
+    assert tpu.main(argv) == 0
+    [line] = capsys.readouterr().out.strip().splitlines()
+    cmd = shlex.split(line)
+    assert cmd[4:6] == ["ssh", "my-tpu"] and "--worker=all" in cmd
+    script = _flag(cmd, "command")
+    assert "JAXTTT_COORDINATOR=auto" in script
+    assert f"setsid nohup {shlex.join(command)} > $HOME/jaxttt-logs/{command[1]}.log" in script
+
+
+def test_subcommand_and_ckpt_dir_only_for_pretrain(capsys):
+    assert tpu.jaxttt_subcommand(DISCOVER) == "discover"
+    assert tpu.jaxttt_subcommand(["python", "-m", "jaxttt.cli", "sdft", "--out", "o"]) == "sdft"
+    assert tpu.jaxttt_subcommand(["python", "train.py"]) is None
+    argv = ["run", "--name", "t", "--zone", "z", "--dry-run", "--ckpt-dir", "gs://b/r", "--",
+            *DISCOVER]
+    assert tpu.main(argv) == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert "only `jaxttt pretrain` reads" in err and "`jaxttt discover`" in err
+
+
 def test_logs_stop_delete_target_all_workers():
     for action in ("logs", "stop", "delete"):
         [cmd] = tpu.build_commands(action, _args(action, "--zone", "z"))

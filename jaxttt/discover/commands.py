@@ -62,11 +62,13 @@ def build_config(args: argparse.Namespace):
 
 
 def _discover(args: argparse.Namespace) -> int:
-    from jaxttt.discover.loop import run_discover_from_checkpoint
+    from jaxttt.discover.loop import is_main, run_discover_from_checkpoint
 
     cfg = build_config(args)
     summary = run_discover_from_checkpoint(args.ckpt, cfg, args.out, tokenizer=args.tokenizer,
                                            progress=not args.no_progress)
+    if not is_main():  # every process of a multi-process run holds the same summary
+        return 0
     keys = ("run_dir", "problem_id", "steps", "samples", "best_reward", "baseline_best_reward",
             "best_state", "step_wall_s", "rollout_tokens_per_s", "n_errors", "final_adapter")
     print(json.dumps({k: summary[k] for k in keys}, indent=2, ensure_ascii=False), flush=True)

@@ -24,9 +24,17 @@ Run directory (never reused; a non-empty one is refused):
   baseline_log.jsonl    every evaluated baseline sample (same fields)
   adapters/step_XXXX/   orbax adapter trees (`save_adapters`) every save_every steps + at the end
   result.json           best state/reward, baseline best, archive, config, timing summary
+
+Multi-process (`launch/local.py`, `launch/tpu.py`: the same program on every process): every
+process holds the same keys, archive and prompts, so each samples the same global rollout
+batch, whose rows are sharded over the mesh's batch axes (`jax.set_mesh`) and come back whole
+to every process. Each process scores its own share of the actions and the results are
+all-gathered (`map_rows`), so rewards, archive and updates stay identical everywhere; process 0
+alone writes the run directory (the adapter checkpoints are written by all, as orbax needs).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,6 +47,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxttt import config as C
@@ -60,6 +69,52 @@ BASELINE_LOG = "baseline_log.jsonl"
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapters"
 INVALID = "invalid action"  # prefix of safe_reward's error for an empty state (not an env fault)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes: every process runs this program; process 0 writes
+# --------------------------------------------------------------------------------------------
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"jaxttt:{name}")
+
+
+def map_rows(fn, items: Sequence, workers: int = 1) -> list:
+    """`[fn(x) for x in items]` (JSON values), each process computing a contiguous share and
+    every process getting all results, in order.
+
+    Scoring a share and all-gathering (rather than every process scoring everything) splits the
+    slow part (running model-written code) over the hosts and keeps the rewards identical on
+    every process even where they could differ (an env timing out on one host only); diverging
+    rewards would give the processes different archives, prompts and updates.
+    """
+    P, p = jax.process_count(), jax.process_index()
+    mine = list(items)[len(items) * p // P: len(items) * (p + 1) // P]
+    if workers > 1 and len(mine) > 1:
+        with ThreadPoolExecutor(min(workers, len(mine))) as pool:
+            out = list(pool.map(fn, mine))
+    else:
+        out = [fn(x) for x in mine]
+    return out if P == 1 else _allgather_json(out)
+
+
+def _allgather_json(rows: list) -> list:
+    """Every process's `rows`, concatenated in process order (JSON round trip: floats exact)."""
+    blob = np.frombuffer(json.dumps(rows, default=_plain).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.int32(blob.size))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    blobs = multihost_utils.process_allgather(padded)  # [P, longest]
+    return [row for b, n in zip(blobs, sizes) for row in json.loads(bytes(b[:int(n)]))]
+
+
+def _plain(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else str(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,19 +157,21 @@ def prompt_ids(tokenizer, text: str, max_seq_len: int, max_new_tokens: int, *,
 
 def sample_rollouts(model: nnx.Module, tokenizer, prompt: str, n: int, key: jax.Array,
                     cfg: DiscoverConfig, *, use_lora: bool = True, greedy: bool = False,
-                    ttt: bool = False) -> Rollouts:
+                    ttt: bool = False, mesh: Mesh | None = None) -> Rollouts:
     """`n` actions for `prompt` in one batched `generate` call; actions decoded without EOS.
     `ttt`: the training rollouts, sampled as `cfg.rollout_policy` says; otherwise (baseline,
-    evaluation) with `cfg.sampling`."""
+    evaluation) with `cfg.sampling`. Under `mesh` the n rows are split over its batch axes
+    (when they divide n) and every process gets all of them back."""
     sc = cfg.sampling
     how = rollout_sampling(cfg) if ttt else {"temperature": sc.temperature, "top_p": sc.top_p,
                                              "top_k": sc.top_k, "greedy": sc.greedy}
     ids = prompt_ids(tokenizer, prompt, model.cfg.max_seq_len, sc.max_new_tokens,
                      chat=use_chat(tokenizer, cfg.chat))
     t0 = time.perf_counter()
-    out = generate(model, [ids] * n, key, max_new_tokens=sc.max_new_tokens,
-                   **{**how, "greedy": greedy or how["greedy"]}, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id, use_lora=use_lora)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        out = generate(model, [ids] * n, key, max_new_tokens=sc.max_new_tokens,
+                       **{**how, "greedy": greedy or how["greedy"]}, eos_id=tokenizer.eos_id,
+                       pad_id=tokenizer.pad_id, use_lora=use_lora)
     completions = out.completions()
     secs = time.perf_counter() - t0
     actions = [tokenizer.decode([i for i in c if i != tokenizer.eos_id]) for c in completions]
@@ -124,17 +181,14 @@ def sample_rollouts(model: nnx.Module, tokenizer, prompt: str, n: int, key: jax.
 def evaluate(env: DiscoveryEnv, ro: Rollouts, timeout_s: float, workers: int = 1,
              start_state: str | None = None) -> Rollouts:
     """Fill states, rewards and errors with `safe_reward` (`workers` concurrent calls); with
-    `start_state` (the archive state the actions were sampled from) via `env.transition_from`."""
+    `start_state` (the archive state the actions were sampled from) via `env.transition_from`.
+    With several processes each scores its share of the actions (`map_rows`)."""
     t0 = time.perf_counter()
 
     def one(action: str):
         return safe_reward(env, action, timeout_s, start_state)
 
-    if workers > 1 and len(ro.actions) > 1:
-        with ThreadPoolExecutor(min(workers, len(ro.actions))) as pool:
-            results = list(pool.map(one, ro.actions))
-    else:
-        results = [one(a) for a in ro.actions]
+    results = map_rows(one, ro.actions, workers)
     ro.states, ro.rewards, ro.errors = (list(x) for x in zip(*results))
     ro.reward_s = time.perf_counter() - t0
     return ro
@@ -143,7 +197,10 @@ def evaluate(env: DiscoveryEnv, ro: Rollouts, timeout_s: float, workers: int = 1
 def seed_reward(env: DiscoveryEnv, state: str, timeout_s: float) -> tuple[float, str | None]:
     """R(s0) with safe_reward's protection, calling env.reward on the state itself."""
     as_state = types.SimpleNamespace(transition=lambda s: s, reward=env.reward)
-    _, reward, error = safe_reward(as_state, state, timeout_s)  # type: ignore[arg-type]
+    def score(s: str):
+        return safe_reward(as_state, s, timeout_s)  # type: ignore[arg-type]
+
+    [(_, reward, error)] = map_rows(score, [state])  # one process scores, all get it
     return reward, error
 
 
@@ -211,7 +268,8 @@ class DiscoverRun:
         node = self.start_node()
         prompt = self.env.context_from_archive(node.state, self.archive)
         ro = sample_rollouts(self.trainer.model(), self.tok, prompt, self.cfg.rollouts,
-                             jax.random.fold_in(self.ttt_key, t), self.cfg, ttt=True)
+                             jax.random.fold_in(self.ttt_key, t), self.cfg, ttt=True,
+                             mesh=self.trainer.mesh)
         evaluate(self.env, ro, self.cfg.reward_timeout_s, self.cfg.reward_workers, node.state)
         t_update = time.perf_counter()
         m = self.trainer.update([ro.prompt_ids] * len(ro.completions), ro.completions,
@@ -219,12 +277,16 @@ class DiscoverRun:
         update_s = time.perf_counter() - t_update
         self.expand(node, ro, t)
         record = self._record(t, node, ro, m, time.perf_counter() - t0, update_s)
-        append_jsonl(self.dir / DISCOVERY_LOG, rollout_records(self.env, ro, step=t,
-                                                               start_state=node.id))
+        self.write(DISCOVERY_LOG, rollout_records(self.env, ro, step=t, start_state=node.id))
         record.update(self._after_update(t))
-        append_jsonl(self.dir / LOG_FILE, [record])
+        self.write(LOG_FILE, [record])
         self.records.append(record)
         return record
+
+    def write(self, name: str, records: list[dict]) -> None:
+        """Append to a log of the run directory (process 0 only; the others hold the same)."""
+        if is_main():
+            append_jsonl(self.dir / name, records)
 
     def expand(self, node: Node, ro: Rollouts, t: int) -> None:
         """Archive bookkeeping after sampling from `node`: statistics first, then children."""
@@ -269,17 +331,18 @@ class DiscoverRun:
     def hot_swap_eval(self, t: int) -> float:
         """Greedy action of the current adapter on the initial prompt, scored by the env."""
         ro = sample_rollouts(self.trainer.model(), self.tok, self.initial_prompt, 1,
-                             jax.random.fold_in(self.eval_key, t), self.cfg, greedy=True)
+                             jax.random.fold_in(self.eval_key, t), self.cfg, greedy=True,
+                             mesh=self.trainer.mesh)
         return float(evaluate(self.env, ro, self.cfg.reward_timeout_s).rewards[0])
 
     def baseline_step(self, t: int) -> dict[str, Any]:
         """`rollouts` samples from θ0 on the initial prompt: the equal-budget best-of-N curve."""
         ro = sample_rollouts(self.trainer.model(), self.tok, self.initial_prompt,
                              self.cfg.rollouts, jax.random.fold_in(self.base_key, t), self.cfg,
-                             use_lora=False)
+                             use_lora=False, mesh=self.trainer.mesh)
         evaluate(self.env, ro, self.cfg.reward_timeout_s, self.cfg.reward_workers)
         self.baseline.update(ro.states, ro.rewards)
-        append_jsonl(self.dir / BASELINE_LOG, rollout_records(self.env, ro, step=t))
+        self.write(BASELINE_LOG, rollout_records(self.env, ro, step=t))
         stats = reward_stats(ro.rewards)
         return {"baseline_best_reward": self.baseline.reward, "baseline_r_mean": stats["r_mean"],
                 "baseline_r_max": stats["r_max"], "baseline_samples": self.baseline.samples}
@@ -305,6 +368,8 @@ class DiscoverRun:
                 "n_updates": self.trainer.n_updates}
 
     def write_result(self, summary: dict[str, Any]) -> None:
+        if not is_main():
+            return
         result = {**summary, "problem": self.env.problem_description(),
                   "archive": self.archive.to_json(), "config": C.to_dict(self.cfg)}
         (self.dir / RESULT_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False))
@@ -340,15 +405,17 @@ def run_discover(model: nnx.Module, tokenizer, cfg: DiscoverConfig, out_dir: str
     cfg.validate()
     use_chat(tokenizer, cfg.chat)  # chat=on without a chat template: one line, nothing written
     run_dir = fresh_run_dir(out_dir)
+    barrier("run_dir")  # every process has checked it before process 0 writes into it
     if env is None:
         env = load_env(cfg.env, cfg.env_options)
     else:  # config.yaml and result.json then name the env actually used
         cfg = dataclasses.replace(cfg, env=env_spec(env), env_options=dict(env.options))
     mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
-    C.save_yaml(cfg, run_dir / CONFIG_FILE)
+    if is_main():
+        C.save_yaml(cfg, run_dir / CONFIG_FILE)
     t0 = time.perf_counter()
     return drive(DiscoverRun(model, tokenizer, env, cfg, mesh, run_dir), cfg.steps, t0,
-                 progress=progress, source=source)
+                 progress=progress and is_main(), source=source)
 
 
 def drive(run, steps: int, t0: float, *, progress: bool, source: str | None,
@@ -387,8 +454,9 @@ def _progress(total: int, enabled: bool, desc: str = "discover"):
 
 
 def _show(bar, rec: dict[str, Any]) -> None:
-    """Progress-bar postfix (best vs baseline, β, tokens/s); env errors are always reported."""
-    if rec["n_errors"]:
+    """Progress-bar postfix (best vs baseline, β, tokens/s); env errors are always reported
+    (by process 0)."""
+    if rec["n_errors"] and is_main():
         msg = (f"discover: step {rec['step']}: {rec['n_errors']} env errors scored 0, "
                f"first: {rec['first_error']}")
         if bar is not None:

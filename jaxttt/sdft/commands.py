@@ -58,9 +58,16 @@ def _run_kwargs(args) -> dict:
                 skip_bad=args.skip_bad, progress=not args.no_progress)
 
 
+def _is_main() -> bool:
+    """Process 0 prints (every process of a multi-process run holds the same summary)."""
+    import jax
+    return jax.process_index() == 0
+
+
 def _report(summary: dict) -> None:
     keys = ("out_dir", "steps", "accepted", "rejected", "checkpoint_step")
-    print(json.dumps({k: summary.get(k) for k in keys}))
+    if _is_main():
+        print(json.dumps({k: summary.get(k) for k in keys}))
 
 
 def _sdft(args: argparse.Namespace) -> None:
@@ -79,4 +86,5 @@ def _consolidate(args: argparse.Namespace) -> None:
                           top_k=args.top_k, demonstration=args.demonstration,
                           skip_bad=kw.pop("skip_bad"), **kw)
     _report(summary)
-    print(json.dumps({k: summary["consolidation"][k] for k in ("rows", "kept", "problems")}))
+    if _is_main():
+        print(json.dumps({k: summary["consolidation"][k] for k in ("rows", "kept", "problems")}))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -157,22 +158,27 @@ def consolidate(run_dirs: Sequence[str | Path], ckpt: str | Path, out_dir: str |
 
     Only `ckpt` (a plain model run) is loaded; the discovery runs contribute their logs only.
     `sdft_kwargs` go to `run_sdft` (tokenizer, mesh, replay_sources, progress).
+    With several processes each builds the same dataset from the same logs: process 0 into
+    OUT, the others into a private temporary file (OUT holds one copy, written once).
     """
-    from jaxttt.sdft.loop import run_sdft, write_json
+    from jaxttt.sdft.loop import barrier, is_main, run_sdft, write_json
     from jaxttt.runs import fresh_run_dir
 
     out = fresh_run_dir(out_dir)
-    data = out / DATASET_FILE
-    stats = discoveries_to_sdft(run_dirs, data, min_reward=min_reward,
-                                best_per_problem=best_per_problem, top_k=top_k,
-                                demonstration=demonstration, skip_bad=skip_bad)
-    stats["runs"] = [str(Path(r).absolute()) for r in run_dirs]
-    write_json(out / STATS_FILE, stats)
-    if stats["kept"] == 0:
-        raise ValueError(f"no discovery with reward >= {min_reward} in {len(run_dirs)} run(s) "
-                         f"({stats['rows']} rows read); nothing to consolidate "
-                         f"(see {out / STATS_FILE})")
-    summary = run_sdft(ckpt, data, out, cfg, keep_files=(DATASET_FILE, STATS_FILE), **sdft_kwargs)
+    barrier("run_dir")  # every process has checked it before process 0 writes into it
+    with tempfile.TemporaryDirectory(prefix="jaxttt-consolidate-") as tmp:
+        data = (out if is_main() else Path(tmp)) / DATASET_FILE
+        stats = discoveries_to_sdft(run_dirs, data, min_reward=min_reward,
+                                    best_per_problem=best_per_problem, top_k=top_k,
+                                    demonstration=demonstration, skip_bad=skip_bad)
+        stats["runs"] = [str(Path(r).absolute()) for r in run_dirs]
+        write_json(out / STATS_FILE, stats)
+        if stats["kept"] == 0:
+            raise ValueError(f"no discovery with reward >= {min_reward} in {len(run_dirs)} run(s) "
+                             f"({stats['rows']} rows read); nothing to consolidate "
+                             f"(see {out / STATS_FILE})")
+        summary = run_sdft(ckpt, data, out, cfg, keep_files=(DATASET_FILE, STATS_FILE),
+                           **sdft_kwargs)
     summary["consolidation"] = stats
     write_json(out / "summary.json", summary)
     return summary

@@ -20,6 +20,12 @@ in memory); an accepted block is saved as an orbax checkpoint. The output direct
 A LoRA student (`cfg.lora`) trains adapters only; its checkpoints hold the merged weights,
 so every checkpoint is a plain model. The replay buffer starts from the source run's saved
 buffer (when it has one) plus `replay_sources`, so a chain of SDFT sessions keeps replaying.
+
+Multi-process (`launch/local.py`, `launch/tpu.py`: the same program on every process): the
+example stream, replay buffer and sampling keys are seeded identically, so every process builds
+the same global batch; the rollouts are sampled under the mesh (rows over its batch axes when
+they divide the batch) and the trainer places each process's rows. Checkpoints are written by
+every process (orbax); everything else in OUT by process 0 only.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxttt import config as C
@@ -91,7 +98,20 @@ def next_batch(stream: ExampleStream, buf: ReplayBuffer, n: int, ratio: float):
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"jaxttt:{name}")
+
+
 def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as JSON (process 0 only: the other processes hold the same values)."""
+    if not is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -106,11 +126,17 @@ class _Run:
                  eval_fn: Callable[[], dict], source_meta: dict, ckpt_src: str):
         self.out, self.cfg, self.trainer, self.tok, self.eval_fn = out, cfg, trainer, tok, eval_fn
         self.source, self.ckpt_src = source_meta, ckpt_src
-        C.save_yaml(cfg, out / "config.yaml")
-        save_model_config(out, trainer.model_cfg)
+        if is_main():
+            C.save_yaml(cfg, out / "config.yaml")
+            save_model_config(out, trainer.model_cfg)
         self.ckpt = Checkpointer(out, keep=cfg.keep)
-        self.log = runs.JsonlWriter(out / METRICS_FILE)
+        self.log = runs.JsonlWriter(out / METRICS_FILE) if is_main() else None
         self.gates: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        """One metrics.jsonl line (process 0 only)."""
+        if self.log is not None:
+            self.log.write(record)
 
     def save(self, buf: ReplayBuffer, block: int) -> None:
         meta = {"tokenizer": str(self.tok.path), "kind": "sdft", "objective": self.cfg.objective,
@@ -120,7 +146,8 @@ class _Run:
 
     def close(self) -> None:
         self.ckpt.close()
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def _block_dir(out: Path, block: int) -> Path:
@@ -138,7 +165,7 @@ def _train_block(run: _Run, stream: ExampleStream, buf: ReplayBuffer, block: int
         m = run.trainer.step(examples, jax.random.fold_in(key, run.trainer.n_steps))
         rec = {"step": run.trainer.n_steps, "block": block, **m, "replay": replay,
                "time_s": round(time.perf_counter() - t0, 4)}
-        run.log.write(rec)
+        run.write(rec)
         records.append(rec)
         bar.update(1)
         bar.set_postfix_str(_postfix(rec, run.gates), refresh=False)
@@ -158,11 +185,12 @@ def _gate(run: _Run, block: int, before: dict, after: dict, records: list[dict])
     info = {"block": block, "step": run.trainer.n_steps, "mean_objective": float(np.mean(kls)),
             "reference": run.cfg.gate.reference,
             f"{PPL_KEY}_before": before[PPL_KEY], f"{PPL_KEY}_after": after[PPL_KEY]}
-    write_decision(_block_dir(run.out, block), d, **info)
+    if is_main():
+        write_decision(_block_dir(run.out, block), d, **info)
     entry = {**info, "accepted": d.accepted, "reasons": d.reasons}
     run.gates.append(entry)
-    run.log.write({"step": run.trainer.n_steps, "block": block,
-                   "gate": "accepted" if d.accepted else "rejected", "reasons": d.reasons})
+    run.write({"step": run.trainer.n_steps, "block": block,
+               "gate": "accepted" if d.accepted else "rejected", "reasons": d.reasons})
     return d.accepted
 
 
@@ -172,7 +200,7 @@ def run_blocks(run: _Run, stream: ExampleStream, buf: ReplayBuffer, *, progress:
     before = run.eval_fn()
     initial = before
     bar = tqdm(total=cfg.blocks * cfg.steps_per_block, desc="sdft", unit="step",
-               disable=not progress)
+               disable=not (progress and is_main()))
     with bar:
         for block in range(cfg.blocks):
             bdir = _block_dir(run.out, block)
@@ -208,6 +236,7 @@ def run_sdft(ckpt: str | Path, data_path: str | Path, out_dir: str | Path, cfg: 
     cfg.validate()
     examples, n_bad = load_jsonl(data_path, skip_bad=skip_bad)
     out = runs.fresh_run_dir(out_dir, keep=keep_files)
+    barrier("run_dir")  # every process has checked it before process 0 writes into it
     stream = ExampleStream(examples, cfg.seed)
     probes = resolve_probes(cfg.eval.probes)
     mesh = mesh or make_mesh(cfg.mesh)
