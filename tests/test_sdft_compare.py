@@ -174,6 +174,10 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_run, tmp_path, capsys):
     train = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert [t["prompt"] for t in train] == [e.prompt for e in skill.make_examples("train", 8)]
 
+    # --report rebuilds the table from the finished cells alone (here: the same table)
+    assert cmp.report(out)["table"] == res["table"]
+    with pytest.raises(UserError, match="not an sdft-compare output"):
+        cmp.report(tmp_path)
     # resume: finished cells are reused as they are; changed settings are refused
     again = cmp.compare(tiny_run, out, seeds=[0], arms=["sft"], overrides=FAST, resume=True, **KW)
     assert again["cells"][0] == {**res["cells"][0]}

@@ -341,6 +341,24 @@ def plot(base: dict, agg: dict[str, dict], path: Path) -> Path:
     return save(fig, path)
 
 
+def report(out_dir: str | Path) -> dict[str, Any]:
+    """Table, results.json and plot from the cells finished so far in `out_dir` (any arms and
+    seeds, e.g. cells run by several parallel `--resume` processes)."""
+    out = Path(out_dir)
+    base_path = out / "base" / RESULT_FILE
+    if not base_path.is_file():
+        raise UserError(f"{out}: no {base_path.relative_to(out)} (not an sdft-compare output, "
+                        "or its base model is not measured yet)")
+    cells = []
+    for arm in ARMS:
+        paths = sorted((out / arm).glob(f"seed*/{RESULT_FILE}"),
+                       key=lambda p: int(p.parent.name[len("seed"):]))
+        cells += [{"arm": arm, "seed": int(p.parent.name[len("seed"):]),
+                   **json.loads(p.read_text())} for p in paths]
+    arms = [a for a in ARMS if any(c["arm"] == a for c in cells)]
+    return finish(out, json.loads(base_path.read_text()), cells, arms)
+
+
 def finish(out: Path, base: dict, cells: Sequence[dict], arms: Sequence[str]) -> dict[str, Any]:
     agg = aggregate(base, cells, arms)
     blocks = next((c.get("blocks") for c in cells if c.get("blocks")), None)

@@ -32,19 +32,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reuse the finished cells in OUT (same settings; more arms/seeds allowed)")
     p.add_argument("--unsafe-local-exec", action="store_true",
                    help="run HumanEval unconfined where the kernel cannot confine (recorded)")
+    p.add_argument("--report", action="store_true",
+                   help="only rebuild OUT's table, results.json and plot from its finished cells")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every arm")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> None:
-    from jaxttt.sdft.compare import compare
+    from jaxttt.sdft.compare import compare, report
 
-    res = compare(args.ckpt, args.out, seeds=args.seeds, arms=args.arms, config=args.config,
-                  overrides=args.overrides, n_train=args.train, n_test=args.test,
-                  data_seed=args.data_seed, humaneval=args.humaneval,
-                  he_tokens=args.humaneval_max_new_tokens,
-                  skill_tokens=args.skill_max_new_tokens, resume=args.resume,
-                  unsafe_local_exec=args.unsafe_local_exec, progress=not args.no_progress)
+    if args.report:
+        res = report(args.out)
+    else:
+        res = compare(args.ckpt, args.out, seeds=args.seeds, arms=args.arms, config=args.config,
+                      overrides=args.overrides, n_train=args.train, n_test=args.test,
+                      data_seed=args.data_seed, humaneval=args.humaneval,
+                      he_tokens=args.humaneval_max_new_tokens,
+                      skill_tokens=args.skill_max_new_tokens, resume=args.resume,
+                      unsafe_local_exec=args.unsafe_local_exec, progress=not args.no_progress)
     print(res["table"], end="")
     print(json.dumps({"out": str(args.out), "cells": len(res["cells"])}))
