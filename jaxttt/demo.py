@@ -153,9 +153,9 @@ def run_demo(*, quick: bool = False, out: str | Path | None = None, progress: bo
     summary.update(model=model, real_plan=dataclasses.asdict(real_plan),
                    real={"skipped": skipped} if skipped is not None else {"pending": True})
     summary["stage_seconds"] = stages.times
-    _write_summary(out, summary, t0)  # part one's report is on disk before part two starts
-    write_report(out, summary)
+    _write_summary(out, summary, t0)
     if model_run is not None:
+        write_report(out, summary)  # part one's report is on disk before part two starts
         summary["real"] = demo_real.run_part_two(model_run, out, real_plan, stages, progress)
         _write_summary(out, summary, t0)
     stages("report", write_report, out, summary)
