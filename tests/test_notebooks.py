@@ -96,6 +96,26 @@ def runs(kernel_env, tmp_path_factory):
     }
 
 
+def test_a_directory_without_runs_is_one_clear_line(kernel_env, tmp_path):
+    """RUN_DIR holding no codeeval output stops the notebook with one line naming the path."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nb = nbformat.read(REPO / "notebooks" / "codeeval.ipynb", as_version=4)
+    inject(nb, {"RUN_DIR": str(empty)})
+    with pytest.raises(CellExecutionError):
+        NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S,
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "SystemExit"
+    msg = errors[0].evalue
+    assert str(empty) in msg and "no codeeval output here" in msg and "\n" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any(empty.iterdir())
+
+
 def _text(outputs) -> str:
     parts = []
     for o in outputs:
