@@ -59,19 +59,19 @@ class CompareSpec:
 
     def validate(self) -> None:
         if not self.presets:
-            raise ConfigError("discover-compare: give at least one preset (official, handoff)")
+            raise ConfigError("give at least one preset (official, handoff)")
         unknown = [p for p in self.presets if p not in PRESETS]
         if unknown:
-            raise ConfigError(f"discover-compare: unknown preset {unknown[0]!r}; expected one of "
+            raise ConfigError(f"unknown preset {unknown[0]!r}; expected one of "
                               f"{', '.join(PRESETS)}")
         if len(set(self.presets)) != len(self.presets) or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError("discover-compare: presets and seeds must not repeat")
+            raise ConfigError("presets and seeds must not repeat")
         if not self.seeds:
-            raise ConfigError("discover-compare: give at least one seed")
+            raise ConfigError("give at least one seed")
         for item in self.overrides:
             key = item.split("=", 1)[0].strip()
             if key in FIXED_KEYS:
-                raise ConfigError(f"discover-compare: override {item!r}: {key!r} is set by the "
+                raise ConfigError(f"override {item!r}: {key!r} is set by the "
                                   "comparison itself (use --steps/--rollouts/--seeds/"
                                   "--max-new-tokens/--env; both arms sample at T=1, top_p=1)")
 
@@ -98,7 +98,7 @@ def check_same_sampler(cfg: DiscoverConfig) -> None:
                 "greedy": sc.greedy}
     ttt = rollout_sampling(cfg)
     if {k: ttt[k] for k in baseline} != baseline:
-        raise ConfigError(f"discover-compare: TTT rollouts sample with {ttt} but the baseline "
+        raise ConfigError(f"TTT rollouts sample with {ttt} but the baseline "
                           f"with {baseline}; the arms must share one sampler")
 
 
