@@ -61,22 +61,31 @@ QUICK = RealPlan(discover_steps=2, rollouts=4, discover_new_tokens=16, min_rewar
 # --------------------------------------------------------------------------------------------
 def prepare_model(spec: str, out: Path) -> tuple[Path | None, str | None]:
     """(run directory of `spec`, None), or (None, why part two is skipped) when a named model
-    cannot be fetched. A bad path or checkpoint is the user's error and raises."""
+    cannot be fetched or the kernel cannot confine model-written code (part two runs it).
+    A bad path or checkpoint is the user's error and raises."""
+    from jaxttt.eval import sandbox
     from jaxttt.model import named
     from jaxttt.runs import resolve_named
     from jaxttt.train.checkpoint import find_run_dir
 
     if spec == NO_MODEL:
         return None, "--model none"
-    if spec in named.NAMED and not Path(spec).exists():
+    is_named = spec in named.NAMED and not Path(spec).exists()
+    is_source = spec.startswith(("hf:", "gguf:"))
+    run = None if is_named or is_source else Path(find_run_dir(spec)[0]).absolute()
+    problem = sandbox.confinement_problem()
+    if problem is not None:  # checked before a download or conversion that could not be used
+        return None, (f"the sandbox cannot confine model-written code here ({problem}); "
+                      "part two runs HumanEval code")
+    if is_named:
         try:
             return Path(resolve_named(spec)), None
         except named.NamedModelError as e:
             return None, str(e)
-    if spec.startswith(("hf:", "gguf:")):
+    if is_source:
         from jaxttt.model.pretrained import convert_to_run
         return convert_to_run(spec, out / "real" / "model"), None
-    return Path(find_run_dir(spec)[0]).absolute(), None
+    return run, None
 
 
 # --------------------------------------------------------------------------------------------

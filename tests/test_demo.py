@@ -260,3 +260,13 @@ def test_bad_model_is_one_line_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope" in err and "no such run directory" in err, err
     assert not any(out.iterdir())  # nothing but the empty run directory was made
+
+
+def test_no_confinement_skips_part_two_before_any_download(tmp_path, monkeypatch):
+    from jaxttt.eval import sandbox
+    from jaxttt.model import named
+
+    monkeypatch.setattr(sandbox, "confinement_problem", lambda: "no user namespaces")
+    monkeypatch.setattr(named, "fetch", lambda *a, **k: pytest.fail("fetched anyway"))
+    run, why = demo_real.prepare_model("smollm2-135m-instruct", tmp_path)
+    assert run is None and "no user namespaces" in why and "sandbox" in why
