@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,18 @@ def score_seed(runner: ChunkRunner, tokenizer, tcfg: PonderTrainConfig, ecfg: Po
                                runner.features(x, B, vocab=vocab, eos_id=tokenizer.eos_id))
     return {"x": x, "y": y, "losses": losses, "signal": signal,
             "table_t": ChunkTable(losses_t, feats_t, None),
-            "table": ChunkTable(losses, feats, signal), "flops": runner.flops(B, T, runner.d_model)}
+            "table": ChunkTable(losses, feats, signal), "flops": _flops(runner, B, T)}
+
+
+_FLOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _flops(runner: ChunkRunner, B: int, T: int) -> dict:
+    """runner.flops once per runner and shape (seeds on one run share their programs)."""
+    per = _FLOPS.setdefault(runner, {})
+    if (B, T) not in per:
+        per[(B, T)] = runner.flops(B, T, runner.d_model)
+    return per[(B, T)]
 
 
 def decide_seed(runner: ChunkRunner, scored: dict, ecfg: PonderEvalConfig, *, seed: int,
