@@ -290,8 +290,8 @@ COLUMNS = (  # (key in the table, header, digits)
     ("train_loss", "train loss (last 20 steps)", 3), ("val_loss", "held-out loss", 3),
     ("spikes", "grad-norm spikes", 1), ("max_ratio", "max grad norm / running median", 2),
     ("max_norm", "max grad norm", 2), ("gain_fwd", "∏H_res fwd gain", 3),
-    ("gain_bwd", "∏H_res bwd gain", 3), ("row_dev", "max |row sum−1|", 3),
-    ("col_dev", "max |col sum−1|", 3))
+    ("gain_bwd", "∏H_res bwd gain", 3), ("row_dev", "max row-sum error", 3),
+    ("col_dev", "max column-sum error", 3))  # no '|' inside cells: it splits a Markdown row
 
 
 def _run_values(r: dict) -> dict:
