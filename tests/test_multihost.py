@@ -131,11 +131,13 @@ def _assert_close(x, y, where: str) -> None:
 def test_discover_cli_on_two_processes_matches_one(base, tmp_path):
     """TTT-Discover as the same program on 2 processes (rollouts sharded over the batch axes,
     rewards scored per process and all-gathered, fsdp=2 shards the weights across the
-    processes): one set of run files, the same actions, rewards, archive and adapters."""
+    processes): one set of run files, the same actions, rewards, archive and adapters.
+    reuse=false keeps one prompt width (one compile per program: the test's time)."""
     ckpt, _ = base
     argv = ["discover", "--ckpt", str(ckpt), "--config", "discover/tiny.yaml",
             "--steps", "2", "--rollouts", "8", "--seed", "0", "--no-progress", "lora.rank=4",
-            "lora.alpha=8", "sampling.max_new_tokens=16", "hot_swap_eval=false", "mesh.fsdp=2"]
+            "lora.alpha=8", "sampling.max_new_tokens=16", "hot_swap_eval=false", "reuse=false",
+            "mesh.fsdp=2"]
     multi, single, printed = _both(tmp_path, argv)
     assert printed.count("[p0] {") == 1 and "[p1] {" not in printed  # the summary, once
     assert _files(multi) == _files(single)
