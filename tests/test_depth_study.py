@@ -90,8 +90,8 @@ def test_mean_sd_ignores_missing_values():
 
 
 def test_per_token_h_res_averages_to_the_layer_stats():
-    cfg = C.load(C.ModelConfig, "model/tiny.yaml", ["n_layers=2", "d_model=64", "n_heads=2",
-                                                    "d_head=32", "d_ff=128",
+    cfg = C.load(C.ModelConfig, "model/tiny.yaml", ["n_layers=2", "d_model=32", "n_heads=2",
+                                                    "d_head=16", "d_ff=64", "vocab_size=64",
                                                     "mhc.alpha_init=0.5"])
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     toks = np.asarray(jax.random.randint(jax.random.key(1), (2, 8), 4, cfg.vocab_size))
@@ -105,35 +105,49 @@ def test_per_token_h_res_averages_to_the_layer_stats():
 # The command
 # --------------------------------------------------------------------------------------------
 TINY = ["model.n_layers=1", "model.d_model=64", "model.n_heads=2", "model.d_head=32",
-        "model.d_ff=128", "data.seq_len=32", "data.batch_size=8", "data.vocab_size=512",
-        "data.max_bytes=600000", "eval_batches=1", "eval_every=4", "optim.warmup_steps=0"]
+        "model.d_ff=128", "model.vocab_size=512", "data.seq_len=32", "data.batch_size=8",
+        "eval_batches=1", "eval_every=4", "optim.warmup_steps=0"]
 
 
-def test_depth_study_command_writes_table_json_and_plots(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> list[str]:
+    """A small slice of the embedded corpus; its train split doubles as the held-out set (the
+    small val split has fewer windows than the 8 emulated devices)."""
+    from jaxttt.data.packing import ensure_default_data
+
+    paths = ensure_default_data(tmp_path_factory.mktemp("data"), 512, max_bytes=200_000,
+                                progress=False)
+    return [f"data.train={paths['train']}", f"data.val={paths['train']}",
+            f"data.tokenizer={paths['tokenizer']}"]
+
+
+def test_depth_study_command_writes_table_json_and_plots(tmp_path, monkeypatch, capsys, data):
     monkeypatch.setenv("JAXTTT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "study"
-    rc = cli.main(["depth-study", "--steps", "4", "--seeds", "0", "--modes", "mhc", "hc",
-                   "--out", str(out), *TINY])
+    rc = cli.main(["depth-study", "--steps", "4", "--seeds", "0", "--modes", "mhc", "none",
+                   "--out", str(out), *TINY, *data])
     assert rc == 0
     printed = capsys.readouterr().out
     table = (out / "table.md").read_text()
-    assert "| mhc | 1 |" in table and "| hc | 1 |" in table and "| mhc | 1 |" in printed
+    assert "| mhc | 1 |" in table and "| none | 1 |" in table and "| mhc | 1 |" in printed
+    assert table.splitlines()[-1].endswith("| n/a | n/a | n/a | n/a |")  # no H_res in `none`
     for name in D.PLOTS.values():
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     study = json.loads((out / "study.json").read_text())
     runs = {r["mode"]: r for r in study["runs"]}
-    assert set(runs) == {"mhc", "hc"}
+    assert set(runs) == {"mhc", "none"} and "h_res" not in runs["none"]
     for r in runs.values():
         assert r["steps"] == 4 and len(r["curve"]["grad_norm"]) == 4
         assert math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"])
-        assert len(r["h_res"]["gain_fwd_by_depth"]) == 2  # 1 block: attention, MLP
+    assert len(runs["mhc"]["h_res"]["gain_fwd_by_depth"]) == 2  # 1 block: attention, MLP
     assert runs["mhc"]["h_res"]["gain_fwd"] == pytest.approx(1.0, abs=1e-3)  # Sinkhorn
     assert study["table"]["mhc"]["val_loss"][0] == pytest.approx(runs["mhc"]["val_loss"])
     # rerunning the same study trains nothing new and re-measures the same numbers
-    assert cli.main(["depth-study", "--steps", "4", "--seeds", "0", "--modes", "mhc", "hc",
-                     "--out", str(out), *TINY]) == 0
+    assert cli.main(["depth-study", "--steps", "4", "--seeds", "0", "--modes", "mhc", "none",
+                     "--out", str(out), *TINY, *data]) == 0
     again = {r["mode"]: r for r in json.loads((out / "study.json").read_text())["runs"]}
-    assert again["hc"]["h_res"] == runs["hc"]["h_res"]
+    assert again["mhc"]["h_res"] == runs["mhc"]["h_res"]
+    assert again["none"]["curve"] == runs["none"]["curve"]
 
 
 @pytest.mark.parametrize("argv, expected", [
