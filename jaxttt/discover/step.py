@@ -118,10 +118,11 @@ class DiscoverLoss:
     kl_shaping: str = "sequence"
     importance: tuple[float, float, int] | None = None  # sampler (temperature, top_p, top_k)
     chunk: int = 64
+    remat: bool = True  # the θ forward keeps only block inputs for the backward pass
 
     def __call__(self, model: nnx.Module, b: Batch):
         w_DV = model.unembed_matrix()
-        h_BWD = model.hidden(b["tokens"], use_lora=True)
+        h_BWD = model.hidden(b["tokens"], use_lora=True, remat=self.remat)
         logp_BW = chunked_token_logprobs(h_BWD, w_DV, b["targets"], b["mask"], self.chunk)
         h0_BWD = jax.lax.stop_gradient(model.hidden(b["tokens"], use_lora=False))
         w0_DV = jax.lax.stop_gradient(w_DV)

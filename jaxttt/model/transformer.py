@@ -71,9 +71,14 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BT, pos_BT=None, *, use_lora: bool = True) -> jax.Array:
         return self.unembed(self.hidden(tokens_BT, pos_BT, use_lora=use_lora))
 
-    def hidden(self, tokens_BT, pos_BT=None, *, use_lora: bool = True) -> jax.Array:
-        """Final normalised hidden states [B,T,D] (for chunked losses over the vocabulary)."""
-        h, _ = self._run(self.embed_tokens(tokens_BT), pos_BT, None, use_lora)
+    def hidden(self, tokens_BT, pos_BT=None, *, use_lora: bool = True,
+               remat: bool | None = None) -> jax.Array:
+        """Final normalised hidden states [B,T,D] (for chunked losses over the vocabulary).
+
+        `remat` overrides `cfg.remat` for this call (a loss that backpropagates through a long
+        batch of a deep model keeps only each block's input).
+        """
+        h, _ = self._run(self.embed_tokens(tokens_BT), pos_BT, None, use_lora, remat)
         return h
 
     def embed_tokens(self, tokens_BT) -> jax.Array:
@@ -103,7 +108,7 @@ class Transformer(nnx.Module):
         """W [D, V] such that logits = h @ W."""
         return self.lm_head.kernel[...] if self.lm_head is not None else self.embed[...].T
 
-    def _run(self, x_BTD, pos_BT, cache, use_lora):
+    def _run(self, x_BTD, pos_BT, cache, use_lora, remat: bool | None = None):
         B, T, _ = x_BTD.shape
         if pos_BT is None:
             pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -116,7 +121,7 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else {**cache["layers"][i], "index": cache["index"],
                                                       "start": cache["start"]}
-            x, c = self._block_call(block, x, pos_BT, layer_cache, use_lora)
+            x, c = self._block_call(block, x, pos_BT, layer_cache, use_lora, remat)
             if c is not None:
                 new_layers.append({"k": c["k"], "v": c["v"]})
         if self.cfg.mhc.mode != "none":
@@ -126,9 +131,12 @@ class Transformer(nnx.Module):
                                                 "start": cache["start"]}
         return h, new_cache
 
-    def _block_call(self, block, x, pos_BT, cache, use_lora):
-        if self.cfg.remat and cache is None:
-            return nnx.remat(lambda b, x_, p_: b(x_, p_, None, use_lora))(block, x, pos_BT)
+    def _block_call(self, block, x, pos_BT, cache, use_lora, remat: bool | None = None):
+        if (self.cfg.remat if remat is None else remat) and cache is None:
+            gdef, state = nnx.split(block)  # a pure function of the block's state: jax.checkpoint
+            # composes with any outer trace (nnx.remat would mutate Params across trace levels)
+            run = lambda st, x_, p_: nnx.merge(gdef, st)(x_, p_, None, use_lora)[0]
+            return jax.checkpoint(run)(state, x, pos_BT), None
         return block(x, pos_BT, cache, use_lora)
 
 
