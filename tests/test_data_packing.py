@@ -45,6 +45,22 @@ def test_pack_puts_eos_after_every_document(model, tmp_path):
         "a.txt", "b.bin", "b.bin.json", "b.jsonl", "out.bin", "out.bin.json"]
 
 
+def test_pack_with_a_hugging_face_tokenizer(tmp_path):
+    """A converted model's tokenizer.json packs a corpus for continued pretraining."""
+    from _tiny_hf import write_tokenizer
+    from jaxttt.data.tokenizer import load_tokenizer
+
+    vocab = write_tokenizer(tmp_path)
+    (tmp_path / "a.txt").write_text("def add(a, b):\nimport os\n")
+    meta = pack(tmp_path / "tokenizer.json", [tmp_path / "a.txt"], tmp_path / "o.bin",
+                progress=False)
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    expected = [t for d in ("def add(a, b):", "import os") for t in tok.encode(d) + [tok.eos_id]]
+    tokens, _ = load_packed(tmp_path / "o.bin", expect_vocab=vocab)
+    assert tokens.tolist() == expected
+    assert (meta["vocab_size"], meta["tokenizer_sha256"]) == (vocab, tok.sha256)
+
+
 def test_pack_tfds_source(model, tmp_path):
     name = build_tiny_tfds(tmp_path / "tfds")
     meta = pack(model, [f"tfds:{name}:train:{tmp_path / 'tfds'}"], tmp_path / "t.bin",

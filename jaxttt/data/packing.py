@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxttt.data import corpus
-from jaxttt.data.tokenizer import Tokenizer, train_tokenizer
+from jaxttt.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 DOCS_PER_CHUNK = 256  # documents encoded and written per step: memory stays flat
 _CHECK_CHUNK = 1 << 24  # tokens per block when scanning a .bin for its max id
@@ -31,7 +31,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def pack(tokenizer_path: Path | str, sources: Sequence[Path | str] | Path | str,
          output: Path | str, *, text_field: str = "text", progress: bool = True) -> dict:
     """Tokenize every document of `sources` into `output` (+ `.json` meta); returns the meta."""
-    tok = Tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)  # SentencePiece or a model's tokenizer.json
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
