@@ -25,7 +25,7 @@ from jaxttt import config as C
 from jaxttt import runs, sharding
 from jaxttt.data import loader as data_loader
 from jaxttt.data.packing import ensure_default_data, read_meta
-from jaxttt.data.tokenizer import Tokenizer
+from jaxttt.data.tokenizer import Tokenizer, load_tokenizer
 from jaxttt.eval.perplexity import perplexity
 from jaxttt.train import metrics as M
 from jaxttt.train.checkpoint import (CKPT_DIR, MODEL_YAML, Checkpointer, RunDirError,  # noqa: F401
@@ -82,7 +82,7 @@ def _user_data(cfg: C.PretrainConfig) -> DataFiles:
     train = Path(cfg.data.train)
     meta = read_meta(train)
     tok_path = Path(cfg.data.tokenizer or meta.get("tokenizer", ""))
-    vocab = Tokenizer(tok_path).vocab_size
+    vocab = load_tokenizer(tok_path).vocab_size
     if meta["vocab_size"] != vocab:
         raise C.ConfigError(f"{train}: packed with vocab {meta['vocab_size']}, but tokenizer "
                             f"{tok_path} has {vocab} pieces")
