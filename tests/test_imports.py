@@ -27,7 +27,7 @@ LAYERS = {
     "jaxttt.model.pretrained": INFRA, "jaxttt.model.export": INFRA,
     "jaxttt.train": LOOPS, "jaxttt.sdft": LOOPS, "jaxttt.discover": LOOPS, "jaxttt.ponder": LOOPS,
     "jaxttt.seal": LOOPS,
-    "jaxttt.cli": ENTRY, "jaxttt.demo": ENTRY, "jaxttt.bench": ENTRY,
+    "jaxttt.cli": ENTRY, "jaxttt.demo": ENTRY, "jaxttt.demo_real": ENTRY, "jaxttt.bench": ENTRY,
 }
 
 
