@@ -151,25 +151,45 @@ def identity_distances(h_res: dict[str, np.ndarray], ax=None):
 
 
 def h_res_heatmaps(h_res_LNN: np.ndarray, fig=None, labels: Sequence[str] | None = None):
-    """One heat map per sublayer of the token-averaged H_res (see eval/mhc_stats.py)."""
+    """One heat map per sublayer of the token-averaged H_res (see eval/mhc_stats.py): entry
+    (i, j) is the weight of input stream j in output stream i, written in each cell, with one
+    colour bar for all maps."""
     import matplotlib.pyplot as plt
 
     n = len(h_res_LNN)
-    fig = fig or plt.figure(figsize=(2.2 * n, 2.4))
+    fig = fig or plt.figure(figsize=(2.4 * n + 1.0, 2.8), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)[0]
+    im = None
     for i, (ax, h) in enumerate(zip(axes, h_res_LNN)):
-        ax.imshow(h, vmin=0.0, vmax=1.0, cmap="viridis")
+        im = ax.imshow(h, vmin=0.0, vmax=1.0, cmap="viridis")
+        _annotate_cells(ax, np.asarray(h))
         ax.set_title(labels[i] if labels else f"{'attn' if i % 2 == 0 else 'mlp'} {i // 2}",
                      fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xticks(range(h.shape[1]))
+        ax.set_yticks(range(h.shape[0]))
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("input stream j", fontsize=7)
+        if i == 0:
+            ax.set_ylabel("output stream i", fontsize=7)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), shrink=0.8, label="H_res[i, j] (mixing weight)")
     fig.suptitle("H_res per sublayer (identity = diagonal)", fontsize=9)
     return fig
 
 
+def _annotate_cells(ax, h: np.ndarray) -> None:
+    """Each cell's value, in a colour readable on the viridis map."""
+    if h.size > 64:  # too many cells to read
+        return
+    for (r, c), v in np.ndenumerate(h):
+        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5,
+                color="black" if v > 0.6 else "white")
+
+
 def save(fig_or_ax, path: str | Path) -> Path:
     fig = getattr(fig_or_ax, "figure", fig_or_ax)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a constrained layout (colour bars) arranges itself
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
     plt.close(fig)
