@@ -26,7 +26,8 @@ from jaxttt.model.transformer import token_logprobs
 from jaxttt.ponder.config import STEPS, PonderTrainConfig
 from jaxttt.ponder.data import default_bin
 from jaxttt.ponder.model import TTT_PARAMS, PonderModel, attach
-from jaxttt.runs import CONFIG_YAML, JsonlWriter, RunDirError, fresh_run_dir, load_run, save_run_config
+from jaxttt.runs import (CONFIG_YAML, JsonlWriter, RunDirError, fresh_run_dir, load_run,
+                         resolve_named, save_run_config)
 from jaxttt.train.checkpoint import Checkpointer
 from jaxttt.train.trainer import Trainer
 
@@ -99,7 +100,7 @@ def train(cfg: PonderTrainConfig, run_dir: str | Path, *, stop_after: int | None
 
     `stop_after` ends the run early at that step (after saving), as a preemption would.
     """
-    cfg = dataclasses.replace(cfg, base=str(Path(cfg.base).absolute()))
+    cfg = dataclasses.replace(cfg, base=str(Path(resolve_named(cfg.base)).absolute()))
     cfg.validate()
     run_dir = Path(run_dir).absolute()
     mesh = sharding.make_mesh(cfg.mesh)
