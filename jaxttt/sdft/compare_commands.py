@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from jaxttt.errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from jaxttt.sdft.compare import ARMS
@@ -14,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train each (arm, seed) cell from --ckpt on the tool-call skill, then measure "
                     "held-out new-task accuracy, held-out perplexity, capability probes and "
                     "HumanEval pass@1; writes OUT/table.md, OUT/results.json, OUT/tradeoff.png.")
-    p.add_argument("--ckpt", required=True, help="run directory or named model to start from")
+    p.add_argument("--ckpt", help="run directory or named model to start from (not needed with "
+                   "--report)")
     p.add_argument("--out", required=True, help="new output directory (or one to --resume)")
     p.add_argument("--config", default="sdft/skill_tool_call.yaml",
                    help="SDFT YAML shared by every arm (default: %(default)s)")
@@ -44,6 +47,8 @@ def _run(args: argparse.Namespace) -> None:
 
     if args.report:
         res = report(args.out)
+    elif not args.ckpt:
+        raise UserError("--ckpt is required (the model every cell starts from), unless --report")
     else:
         res = compare(args.ckpt, args.out, seeds=args.seeds, arms=args.arms, config=args.config,
                       overrides=args.overrides, n_train=args.train, n_test=args.test,
