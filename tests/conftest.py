@@ -12,6 +12,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+_SHARED_DEMO = {"test_demo", "test_notebooks"}  # both read the one session-wide demo run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`) each test module runs whole on one worker, so its
+    module fixtures are built once; the demo and notebook tests share a worker and the demo."""
+    for item in items:
+        mod = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group("demo" if mod in _SHARED_DEMO else mod))
+
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
