@@ -13,8 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="outer loop: train the TTT layer on a frozen trunk",
                        description="Train (or resume: same --out) the fast-weight layer; only "
                                    "its parameters learn.")
-    t.add_argument("--ckpt", required=True, help="trunk: a pretraining run (or checkpoint) dir, or a named model "
-                   "(e.g. smollm2-135m-instruct)")
+    t.add_argument("--ckpt", required=True, help="trunk: a pretraining run (or checkpoint) "
+                   "dir, or a named model (e.g. smollm2-135m-instruct)")
     t.add_argument("--out", required=True, help="run directory (resumed if it has checkpoints)")
     t.add_argument("--config", default=None, help="YAML, e.g. configs/ponder/tiny.yaml")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. steps=100 ttt.mini_batch=8")
