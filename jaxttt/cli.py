@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from jaxttt.sharding import init_distributed
+        from jaxttt.runs import enable_compile_cache
 
         init_distributed()
+        enable_compile_cache()  # every command: a rerun or resume reuses compiled programs
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"jaxttt {args.command}: interrupted", file=sys.stderr, flush=True)

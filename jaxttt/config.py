@@ -348,6 +348,8 @@ class DiscoverConfig:
     baseline: bool = True  # same-budget best-of-N from θ0 (steps × rollouts samples) beside TTT
     reward_workers: int = 4  # rewards evaluated concurrently (threads); envs must allow it
     chat: bool | str = "auto"  # prompts as a chat-template user turn: auto (if any) | on | off
+    remat: bool = True  # the update recomputes θ's forward block by block in the backward pass
+    #                     (keeps only block inputs; false: ~20% faster, more memory)
 
     def validate(self) -> None:
         self.lora.validate()

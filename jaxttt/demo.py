@@ -24,7 +24,7 @@ DISCOVER_TARGET = "return"  # a word the stdlib-trained model can learn to say
 
 @dataclasses.dataclass(frozen=True)
 class DemoPlan:
-    pretrain_steps: int = 300
+    pretrain_steps: int = 150
     batch_size: int = 16
     seq_len: int = 128
     discover_steps: int = 16
@@ -137,7 +137,7 @@ def run_demo(*, quick: bool = False, out: str | Path | None = None, progress: bo
              model: str = DEFAULT_MODEL) -> Path:
     """Run every stage into a new run directory; returns it (report.md inside)."""
     from jaxttt import demo_real
-    from jaxttt.train.loop import enable_compile_cache
+    from jaxttt.runs import enable_compile_cache
 
     enable_compile_cache()
     plan = QUICK if quick else DemoPlan()

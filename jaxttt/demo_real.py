@@ -24,7 +24,7 @@ NO_MODEL = "none"  # `--model none`: part one only
 @dataclasses.dataclass(frozen=True)
 class RealPlan:
     env: str = "humaneval:HumanEval/30"
-    discover_steps: int = 4
+    discover_steps: int = 3
     rollouts: int = 8
     discover_new_tokens: int = 96
     discover_lr: float = 1e-4
@@ -32,17 +32,17 @@ class RealPlan:
     min_reward: float = 0.5
     sdft_steps: int = 2
     sdft_batch: int = 2
-    sdft_new_tokens: int = 96
+    sdft_new_tokens: int = 64
     sdft_lr: float = 1e-4
-    gate_windows: int = 8
+    gate_windows: int = 4
     seal_epochs: int = 3
     seal_lr: float = 3e-3
     seal_new_tokens: int = 24
-    ponder_steps: int = 6
+    ponder_steps: int = 4
     ponder_batch: int = 8
-    ponder_chunks: int = 16
+    ponder_chunks: int = 8
     chunk_len: int = 64
-    ppo_iters: int = 4
+    ppo_iters: int = 2
     # short tasks (a solution fits in the token budget), the discovery problem among them
     humaneval_tasks: tuple[str, ...] = ("HumanEval/0", "HumanEval/2", "HumanEval/7",
                                         "HumanEval/23", "HumanEval/28", "HumanEval/30",
@@ -133,7 +133,7 @@ def discover(model_run: Path, out: Path, plan: RealPlan, progress: bool) -> dict
         f"env={plan.env}", f"steps={plan.discover_steps}", f"rollouts={plan.rollouts}",
         f"sampling.max_new_tokens={plan.discover_new_tokens}", f"optim.lr={plan.discover_lr}",
         f"lora.rank={plan.lora_rank}", f"lora.alpha={2 * plan.lora_rank}", "save_every=0",
-        "reward_workers=2", "rollout_policy=importance"])
+        "reward_workers=2", "rollout_policy=importance", "remat=false"])
     # one sampler for both arms (T=1, top_p=0.95: at top_p=1 SmolLM2-135M's code is almost all
     # tail noise); the TTT gradient is corrected with truncated importance weights
     return run_discover_from_checkpoint(model_run, cfg, out / "real" / "discover",

@@ -22,6 +22,7 @@ Model and data
     R  LoRA rank (A [in, R], B [R, out])
 Sampling and training
     P  prompt tokens (left-padded)
+    U  distinct prompts of one sampler call (each prefilled once, its cache shared)
     M  generated tokens per row (max_new_tokens)
     W  width of a packed prompt + completion row
     A  gradient-accumulation micro-batches of one update

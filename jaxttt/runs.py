@@ -131,6 +131,14 @@ def cache_root() -> Path:
     return path
 
 
+def enable_compile_cache() -> None:
+    """Persist compiled XLA programs under cache_root()/xla: a rerun or a resumed run skips
+    the compiles (every `jaxttt` command; the demo and depth study when called from Python)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+
+
 # --------------------------------------------------------------------------------------------
 # Loading a run
 # --------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Prompts are left-padded into a static bucket of P columns, so every row's last prompt token
 sits in column P-1 and decode writes all rows at the same cache slot; each row's RoPE positions
-start at 0 at its first real token and its padding slots are masked out. Cache and prompt
-buckets are powers of two, so repeated calls with similar shapes do not recompile. Weights are
-passed to the compiled program as arguments (graph and state split), tunix-style.
+start at 0 at its first real token and its padding slots are masked out. A prompt repeated
+over rows (the rollouts of one RL group) is prefilled once and its cache rows copied. Cache
+and prompt widths come in few buckets (`bucket`), so repeated calls with similar shapes do not
+recompile.
+Weights are passed to the compiled program as arguments (graph and state split), tunix-style.
 
 Returned log-probs are the model's own log π(token | prefix) at temperature 1 with no top-p/k
 truncation: the quantity RL and KL shaping need (handoff F3).
@@ -35,8 +37,10 @@ class SampleOutput:
 
 
 def bucket(n: int) -> int:
-    """Smallest power of two >= n (at least MIN_BUCKET)."""
-    return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+    """Smallest bucket >= n: powers of two up to 128, then also 3/4 of each power of two
+    (192, 384, 768, ...), so a long row is padded by under half its length rather than doubled."""
+    b = max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+    return 3 * b // 4 if b >= 256 and n <= 3 * b // 4 else b
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,14 +149,16 @@ def _choose(key, logits_BV, temperature, top_p, top_k, greedy, pad_id):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "greedy", "use_lora",
                                              "pad_id", "eos_id", "slots"))
-def _generate(graphdef, state, toks_BP, start_B, key, temperature, top_p, *, max_new, top_k,
-              greedy, use_lora, pad_id, eos_id, slots):
+def _generate(graphdef, state, toks_UP, start_U, rows_B, key, temperature, top_p, *, max_new,
+              top_k, greedy, use_lora, pad_id, eos_id, slots):
     model = nnx.merge(graphdef, state)
-    B, P = toks_BP.shape
-    pos_BP = jnp.maximum(jnp.arange(P)[None, :] - start_B[:, None], 0)
-    cache = init_cache(model.cfg, B, slots, start_B)
-    logits_B1V, cache = model.decode(toks_BP, pos_BP, cache, use_lora=use_lora, last_only=True)
-    len_B = P - start_B
+    P = toks_UP.shape[1]
+    B = rows_B.shape[0]
+    pos_UP = jnp.maximum(jnp.arange(P)[None, :] - start_U[:, None], 0)
+    cache = init_cache(model.cfg, toks_UP.shape[0], slots, start_U)
+    logits_U1V, cache = model.decode(toks_UP, pos_UP, cache, use_lora=use_lora, last_only=True)
+    cache, logits_B1V = _take_rows(cache, rows_B), logits_U1V[rows_B]
+    len_B = P - cache["start"]
 
     def cond(carry):
         i, _, _, done_B, _, _, _ = carry
@@ -192,15 +198,38 @@ def generate(model: nnx.Module, prompts: list[list[int]], key: jax.Array, *, max
     if longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({longest}) + {max_new_tokens} new tokens exceeds the model's "
                          f"max_seq_len={model.cfg.max_seq_len}")
-    toks_BP, start_B = left_pad(prompts, pad_id, width)
+    unique, rows_B = unique_prompts(prompts)
+    toks_UP, start_U = left_pad(unique, pad_id, width)
     graphdef, state = nnx.split(model)
-    out_BM, logp_BM = _generate(graphdef, state, jnp.asarray(toks_BP), jnp.asarray(start_B), key,
+    out_BM, logp_BM = _generate(graphdef, state, jnp.asarray(toks_UP), jnp.asarray(start_U),
+                                jnp.asarray(rows_B), key,
                                 jnp.float32(temperature), jnp.float32(top_p),
                                 max_new=int(max_new_tokens), top_k=int(top_k), greedy=bool(greedy),
                                 use_lora=bool(use_lora), pad_id=int(pad_id),
                                 eos_id=None if eos_id is None else int(eos_id), slots=slots)
     out_BM, logp_BM = _on_host(out_BM), _on_host(logp_BM)
     return SampleOutput(out_BM, logp_BM, _lengths(out_BM, eos_id, pad_id))
+
+
+def unique_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], np.ndarray]:
+    """(distinct prompts, row -> index into them): each distinct prompt is prefilled once and
+    its cache shared by the rows that repeat it (rollouts of one prompt, a group in RL).
+
+    The distinct list is padded, by repeating its first prompt, to a power of two capped at
+    the batch, so a sampler call compiles once per few distinct-prompt counts.
+    """
+    index: dict[tuple[int, ...], int] = {}
+    rows_B = np.array([index.setdefault(tuple(p), len(index)) for p in prompts], np.int32)
+    unique = [list(p) for p in index]
+    U = min(len(prompts), 1 << (len(unique) - 1).bit_length())
+    return unique + [unique[0]] * (U - len(unique)), rows_B
+
+
+def _take_rows(cache: dict, rows_B: jax.Array) -> dict:
+    """The cache of prefilled distinct prompts, one row per sampled row."""
+    layers = [{name: jnp.take(kv, rows_B, axis=0) for name, kv in layer.items()}
+              for layer in cache["layers"]]
+    return {**cache, "layers": layers, "start": jnp.take(cache["start"], rows_B, axis=0)}
 
 
 def _on_host(x: jax.Array) -> np.ndarray:

@@ -216,11 +216,14 @@ def test_chunked_logprobs_equal_full_logits_in_value_and_gradient():
     assert np.all(np.asarray(chunked_token_logprobs(h_BTD, w_DV, targets_BT, mask_BT, 4))[2] == 0)
 
 
-@pytest.mark.parametrize("importance", [None, (0.8, 0.9, 5)])
-def test_discover_loss_matches_the_full_logits_formula(theta0, importance):
+@pytest.mark.parametrize("importance,remat", [(None, True), ((0.8, 0.9, 5), True),
+                                               ((0.8, 0.9, 5), False)])
+def test_discover_loss_matches_the_full_logits_formula(theta0, importance, remat):
     """The chunked DiscoverLoss = shaped_reinforce_loss on full [R, W, V] logits (value and
-    adapter gradients), with and without capped importance weights."""
-    from jaxttt.discover.step import DiscoverLoss, sampler_logprobs, shaped_reinforce_loss
+    adapter gradients), with and without capped importance weights and rematerialisation."""
+    from jaxttt.discover.step import (DiscoverLoss, make_loss, sampler_logprobs,
+                                      shaped_reinforce_loss)
+    assert make_loss(_cfg(remat=remat)).remat is remat
     from jaxttt.model.transformer import token_logprobs
     model = lora.add_lora(_base(theta0), _cfg().lora, seed=0)
     lora_state = nnx.state(model, nnx.LoRAParam)
@@ -239,7 +242,7 @@ def test_discover_loss_matches_the_full_logits_formula(theta0, importance):
         return shaped_reinforce_loss(token_logprobs(logits, b["targets"]), base, b["mask"],
                                      b["adv"], b["weight"], 0.1, "per_token_centered", log_q)
 
-    chunked = DiscoverLoss(0.1, "per_token_centered", importance, chunk=8)
+    chunked = DiscoverLoss(0.1, "per_token_centered", importance, chunk=8, remat=remat)
     grad = lambda fn: nnx.grad(lambda m: fn(m, b)[0], argnums=nnx.DiffState(0, nnx.LoRAParam))
     (l1, a1), (l2, a2) = chunked(model, b), reference(model, b)
     np.testing.assert_allclose(l1, l2, rtol=1e-4, atol=1e-6)

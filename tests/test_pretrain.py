@@ -23,9 +23,10 @@ from jaxttt import cli, sharding
 from jaxttt import config as C
 from jaxttt.data.packing import pack
 from jaxttt.data.tokenizer import Tokenizer
+from jaxttt.runs import enable_compile_cache
 from jaxttt.train import metrics as M
 from jaxttt.train.checkpoint import CheckpointError, Checkpointer, load_model
-from jaxttt.train.loop import NonFiniteLossError, RunDirError, enable_compile_cache, pretrain
+from jaxttt.train.loop import NonFiniteLossError, RunDirError, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.n_layers=1", "model.d_model=64", "model.n_heads=2", "model.d_head=32",

@@ -50,6 +50,34 @@ def test_ragged_batch_equals_rows_alone_and_full_forward(model):
         assert greedy.tokens[b, 0] == int(jnp.argmax(_logits_padded(model, p)[len(p) - 1].at[PAD].set(-jnp.inf)))
 
 
+def test_buckets_cover_and_pad_long_rows_by_under_half():
+    sizes = [sampling.bucket(n) for n in range(1, 5000)]
+    assert all(b >= n for n, b in enumerate(sizes, 1)) and sizes == sorted(sizes)
+    assert all(b < 1.5 * n for n, b in enumerate(sizes, 1) if n > 128)
+    assert sorted(set(sizes))[:8] == [16, 32, 64, 128, 192, 256, 384, 512]
+
+
+def test_repeated_prompts_share_one_prefill_and_sample_like_distinct_rows(model):
+    rows = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]]
+    unique, rows_B = sampling.unique_prompts(rows)
+    assert unique == [PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1]]  # padded to 4 = 2^2
+    assert [unique[r] for r in rows_B] == rows
+    out = sampling.generate(model, rows, jax.random.key(5), max_new_tokens=6, temperature=1.5)
+    # rows of one prompt draw their own tokens from the shared cache ...
+    assert len({tuple(out.tokens[b]) for b in (0, 2, 3)}) > 1
+    for b, p in enumerate(rows):  # ... with the model's exact log-probs after that prompt
+        gen = out.tokens[b].tolist()
+        np.testing.assert_allclose(out.logprobs[b], _full_logprobs(model, p, gen), atol=1e-5)
+    # a shared prefill changes nothing: 5 rows of one prompt sample as they would alone
+    same = sampling.generate(model, [PROMPTS[0]] * 5, jax.random.key(5), max_new_tokens=6,
+                             temperature=1.5)
+    assert sampling.unique_prompts([PROMPTS[0]] * 5)[0] == [PROMPTS[0]]
+    for b in range(5):
+        np.testing.assert_allclose(same.logprobs[b],
+                                   _full_logprobs(model, PROMPTS[0], same.tokens[b].tolist()),
+                                   atol=1e-5)
+
+
 def test_deterministic_for_key_and_never_pad(model):
     a = sampling.generate(model, PROMPTS, jax.random.key(3), max_new_tokens=12, temperature=2.0)
     b = sampling.generate(model, PROMPTS, jax.random.key(3), max_new_tokens=12, temperature=2.0)

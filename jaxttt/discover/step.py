@@ -16,7 +16,7 @@ update is skipped before any forward pass and counted by the trainer (adapters a
 as it does for a non-finite loss or gradient (e.g. a reward of 1e300, inf in float32).
 
 Every batch entry is per row, so the update is the trainer's one jitted program; rows are
-padded to a multiple of the mesh's batch shards and widths to power-of-two buckets: one
+padded to a multiple of the mesh's batch shards and widths to `sampling.bucket` sizes: one
 compile per model, row count and width bucket, shared by every run in a process.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ def make_loss(cfg: DiscoverConfig) -> DiscoverLoss:
     if cfg.rollout_policy == "importance":
         s = rollout_sampling(cfg)
         imp = (float(s["temperature"]), float(s["top_p"]), int(s["top_k"]))
-    return DiscoverLoss(float(cfg.kl_lambda), cfg.kl_shaping, imp)
+    return DiscoverLoss(float(cfg.kl_lambda), cfg.kl_shaping, imp, remat=bool(cfg.remat))
 
 
 # --------------------------------------------------------------------------------------------

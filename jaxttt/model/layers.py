@@ -154,18 +154,18 @@ class Attention(nnx.Module):
         v_BGSK = jax.lax.dynamic_update_slice_in_dim(
             cache["v"], v_BTGK.transpose(0, 2, 1, 3).astype(cache["v"].dtype), idx, 2)
         S = k_BGSK.shape[2]
-        q_BGRTK = q_BTHK.reshape(B, T, G, H // G, K).transpose(0, 2, 3, 1, 4)
-        s_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK.astype(q_BTHK.dtype),
+        q_BGQTK = q_BTHK.reshape(B, T, G, H // G, K).transpose(0, 2, 3, 1, 4)
+        s_BGQTS = jnp.einsum("bgqtk,bgsk->bgqts", q_BGQTK, k_BGSK.astype(q_BTHK.dtype),
                              preferred_element_type=jnp.float32) * (K ** -0.5)
         slot_S, q_slot_T = jnp.arange(S), idx + jnp.arange(T)
         mask_BTS = (slot_S[None, None, :] <= q_slot_T[None, :, None]) & \
                    (slot_S[None, None, :] >= start_B[:, None, None])
         # a finite floor, not -inf: padding queries (fully masked rows) must stay finite, since
         # their values are later multiplied by zero weights (0 * nan = nan).
-        s_BGRTS = jnp.where(mask_BTS[:, None, None], s_BGRTS, jnp.finfo(jnp.float32).min)
-        p_BGRTS = jax.nn.softmax(s_BGRTS, axis=-1).astype(q_BTHK.dtype)
-        out_BGRTK = jnp.einsum("bgrts,bgsk->bgrtk", p_BGRTS, v_BGSK.astype(q_BTHK.dtype))
-        out_BTHK = out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
+        s_BGQTS = jnp.where(mask_BTS[:, None, None], s_BGQTS, jnp.finfo(jnp.float32).min)
+        p_BGQTS = jax.nn.softmax(s_BGQTS, axis=-1).astype(q_BTHK.dtype)
+        out_BGQTK = jnp.einsum("bgqts,bgsk->bgqtk", p_BGQTS, v_BGSK.astype(q_BTHK.dtype))
+        out_BTHK = out_BGQTK.transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
         return out_BTHK, {"k": k_BGSK, "v": v_BGSK, "index": idx + T, "start": start_B}
 
 

@@ -41,10 +41,8 @@ def _train(args: argparse.Namespace) -> int:
     from jaxttt import config as C
     from jaxttt.ponder.config import PonderTrainConfig
     from jaxttt.ponder.train import train
-    from jaxttt.train.loop import enable_compile_cache
 
     cfg = C.load(PonderTrainConfig, args.config, [*args.overrides, f"base={args.ckpt}"])
-    enable_compile_cache()  # a resumed (or another seed's) run reuses the compiled update
     run_dir = train(cfg, args.out)
     print(f"run directory: {run_dir}", flush=True)
     return 0
@@ -59,9 +57,6 @@ def _eval(args: argparse.Namespace) -> int:
     from jaxttt.ponder.train import load_ponder
     from jaxttt.runs import fresh_run_dir
 
-    from jaxttt.train.loop import enable_compile_cache
-
-    enable_compile_cache()
     budgets = list(dict.fromkeys(args.budget)) if args.budget else [None]
     ecfgs = [C.load(PonderEvalConfig, args.config,
                     list(args.overrides) + ([f"budget={b}"] if b is not None else []))

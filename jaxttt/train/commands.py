@@ -39,10 +39,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     from jaxttt import config as C
     from jaxttt.errors import UserError
     from jaxttt.runs import config_for_resume
-    from jaxttt.train.loop import NonFiniteLossError, enable_compile_cache, pretrain
+    from jaxttt.train.loop import NonFiniteLossError, pretrain
 
     cfg = config_for_resume(C.load(C.PretrainConfig, args.config, args.overrides), args.config)
-    enable_compile_cache()
     try:
         run_dir = pretrain(cfg)
     except NonFiniteLossError as e:  # names the step and the last good checkpoint

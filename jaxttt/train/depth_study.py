@@ -259,7 +259,7 @@ def _drift_of_run(run_dir: Path, cfg) -> dict:
 def run_study(study: Study, *, say=print) -> dict | None:
     """Train (or resume) every run, measure them, write study.json, table.md and the plots;
     None when a run was preempted (nothing measured; rerun to resume)."""
-    from jaxttt.train.loop import enable_compile_cache
+    from jaxttt.runs import enable_compile_cache
 
     check(study)
     enable_compile_cache()

@@ -49,11 +49,6 @@ def cache_root() -> Path:
     return runs.cache_root()
 
 
-def enable_compile_cache() -> None:
-    """Persist compiled XLA programs under cache_root()/xla: a resumed run starts in seconds."""
-    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
-
-
 @dataclasses.dataclass(frozen=True)
 class DataFiles:
     train: Path
