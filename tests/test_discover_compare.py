@@ -125,6 +125,16 @@ def test_cli_end_to_end_on_a_tiny_model(base_run, tmp_path, capsys):
     assert main(argv) == 0
     assert "reusing" in capsys.readouterr().out
     assert json.loads((out / "compare.json").read_text())["rows"] == table["rows"]
+    # a run killed midway (no result.json) is kept under a new name and run again
+    run = out / "official" / "seed3"
+    (run / "result.json").unlink()
+    log = (run / "log.jsonl").read_bytes()
+    assert main(argv) == 0
+    assert "unfinished" in capsys.readouterr().out
+    assert (out / "official" / "seed3.unfinished-1" / "log.jsonl").read_bytes() == log
+    again = {r["arm"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert {a: r["best_reward"] for a, r in again.items()} == \
+        {a: r["best_reward"] for a, r in rows.items()}  # timings differ, results do not
 
 
 def test_cli_bad_override_is_one_line(base_run, tmp_path, capsys):

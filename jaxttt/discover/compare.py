@@ -16,7 +16,9 @@ it is drawn once per seed, in that seed's first preset run, and shared by the pr
 
 Output directory:
   PRESET/seedS/      the run directories (`loop.run_discover`: log.jsonl, result.json, ...); a
-                     finished one (result.json present, same config) is reused on a rerun
+                     finished one (result.json present, same config) is reused on a rerun, an
+                     unfinished one (a run killed midway) is renamed seedS.unfinished-K and run
+                     again
   compare.json       per-arm mean ± sd (over seeds) of the best reward, per-seed values, the
                      reward-vs-samples curves, sample budgets, TTT seconds per run (the steps'
                      sampling, rewards and updates, compilation included; not the baseline's)
@@ -120,6 +122,10 @@ def run_compare(model, tokenizer, spec: CompareSpec, out_dir: str | Path, *, mes
             if _finished(run_dir, cfg):
                 log(f"discover-compare: reusing {run_dir} (finished, same config)")
                 continue
+            if run_dir.is_dir() and any(run_dir.iterdir()):
+                kept = _set_aside(run_dir)
+                log(f"discover-compare: {run_dir} holds an unfinished run (no result.json; "
+                    f"interrupted?): kept as {kept.name}, running it again")
             log(f"discover-compare: {preset} seed {seed}: {spec.steps} steps x {spec.rollouts} "
                 f"rollouts -> {run_dir}")
             s = run_discover(model, tokenizer, cfg, run_dir, mesh=mesh, progress=progress,
@@ -147,6 +153,15 @@ def run_compare_from_checkpoint(ckpt: str | Path, spec: CompareSpec, out_dir: st
     model, tok, _ = load_run(ckpt, mesh=mesh, tokenizer=tokenizer)
     return run_compare(model, tok, spec, out_dir, mesh=mesh, progress=progress,
                        source=str(ckpt), log=log)
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Rename an unfinished run directory to the first free `NAME.unfinished-K` (kept, never
+    deleted: its logs may tell why it stopped)."""
+    k = 1
+    while (kept := run_dir.with_name(f"{run_dir.name}.unfinished-{k}")).exists():
+        k += 1
+    return run_dir.rename(kept)
 
 
 def _finished(run_dir: Path, cfg: DiscoverConfig) -> bool:
