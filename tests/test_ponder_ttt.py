@@ -138,6 +138,24 @@ def test_skip_computes_no_update():
     assert _count_all_ops(progs[0]) < _count_all_ops(progs[1]) / 2
 
 
+def test_a_zero_out_layer_starts_as_the_trunk_and_can_learn():
+    trunk = _tiny_trunk("mhc")
+    model = attach(trunk, TTTConfig(n_heads=2, mini_batch=4, zero_out=True))
+    tok_BT = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    base_BTV = np.asarray(trunk(tok_BT, use_lora=False))
+    for steps in (0, 1, 4):  # SKIP and updates alike: y = z @ wo = 0 exactly
+        np.testing.assert_array_equal(np.asarray(model(tok_BT, steps)[0]), base_BTV)
+
+    def loss(ttt):
+        logits_BTV = model.trunk.unembed(model.hidden(tok_BT) + ttt(model.hidden(tok_BT), 2)[0])
+        return -jnp.mean(jax.nn.log_softmax(logits_BTV)[:, :-1].max(-1))
+
+    g = nnx.grad(loss)(model.ttt)
+    assert np.abs(np.asarray(g.wo[...])).sum() > 0  # the output learns first
+    normal = attach(_tiny_trunk("mhc"), TTTConfig(n_heads=2, mini_batch=4))
+    assert not np.array_equal(np.asarray(normal(tok_BT, 1)[0]), base_BTV)
+
+
 def test_only_the_ttt_layer_is_trainable():
     model = attach(_tiny_trunk(), TTTConfig(n_heads=2, mini_batch=4))
     trainable = nnx.state(model, TTT_PARAMS)

@@ -24,6 +24,8 @@ class TTTConfig:
     d_head: int = 0  # 0 = trunk d_model // n_heads
     mini_batch: int = 16  # tokens per TTT mini-batch (M)
     base_lr: float = 1.0  # ttt_base_lr of the reference layer
+    zero_out: bool = False  # the output projection starts at 0: a fresh layer leaves the
+    #                         trunk's logits unchanged (for a pretrained trunk)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ class PonderModel(nnx.Module):
         K = cfg.d_head or D // cfg.n_heads
         self.trunk = trunk
         self.ttt = TTTLinear(D, cfg.n_heads, K, mini_batch=cfg.mini_batch, base_lr=cfg.base_lr,
-                             rngs=rngs)
+                             zero_out=cfg.zero_out, rngs=rngs)
 
     def hidden(self, tokens_BT) -> jax.Array:
         return self.trunk.hidden(tokens_BT, use_lora=False).astype(jnp.float32)

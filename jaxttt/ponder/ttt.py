@@ -87,13 +87,14 @@ class TTTLinear(nnx.Module):
     """Multi-head TTT-Linear on [B,T,D] inputs; `self(x, steps)` -> (y [B,T,D], recon [B,T] | None)."""
 
     def __init__(self, d_model: int, n_heads: int, d_head: int, *, mini_batch: int,
-                 base_lr: float = 1.0, rngs: nnx.Rngs):
+                 base_lr: float = 1.0, zero_out: bool = False, rngs: nnx.Rngs):
         D, H, K, M = d_model, n_heads, d_head, mini_batch
         self.n_heads, self.d_head, self.mini_batch, self.base_lr = H, K, M, base_lr
         self.wq = param(rngs, (D, H, K), ("embed", "heads", "head_dim"))
         self.wk = param(rngs, (D, H, K), ("embed", "heads", "head_dim"))
         self.wv = param(rngs, (D, H, K), ("embed", "heads", "head_dim"))
-        self.wo = param(rngs, (H, K, D), ("heads", "head_dim", "embed"))
+        self.wo = param(rngs, (H, K, D), ("heads", "head_dim", "embed"),
+                        **({"init": ZEROS} if zero_out else {}))
         self.lr_w = param(rngs, (D, H), ("embed", "heads"))  # learnable per-token lr gate
         self.lr_b = param(rngs, (H,), ("heads",), init=ZEROS)
         self.token_idx_offset = param(rngs, (M,), (None,), init=ZEROS)
