@@ -139,6 +139,10 @@ def test_extract_code():
     assert extract_code("```\ny = 3\n```") == "y = 3\n"
     assert extract_code("z = 4") == "z = 4\n"
     assert extract_code("```python\n```") == "" and extract_code("   ") == ""
+    # a block opened but cut before its closing fence (the prompt had already opened one)
+    assert extract_code("```python\nimport math\ndef f():\n    return 1") == \
+        "import math\ndef f():\n    return 1\n"
+    assert extract_code("\n```Python\nw = 5\n") == "w = 5\n"
 
 
 def test_code_env_rewards_through_sandbox():

@@ -1,7 +1,6 @@
 """The paper's discovery problems: exact verifiers, hostile results, rewards, and programs run in
 the confined sandbox."""
 import json
-import logging
 import math
 import random
 
@@ -335,13 +334,12 @@ HOSTILE = {  # name: (program, why it scores 0)
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_programs_score_zero(name, caplog):
+def test_hostile_programs_score_zero(name):
     env = load_env("circle_packing:n=26", {"unsafe_local_exec": UNSAFE, "timeout_s": 4.0})
     program, why = HOSTILE[name]
-    with caplog.at_level(logging.DEBUG, logger=P.__name__):
-        state, reward, _ = safe_reward(env, "```python\n" + program + "```", timeout_s=30)
+    state, reward, error = safe_reward(env, "```python\n" + program + "```", timeout_s=30)
     assert (state, reward) == ("", 0.0)
-    assert why in caplog.text
+    assert error.startswith("invalid action: ") and why in error  # an invalid action, not an env fault
 
 
 def test_programs_start_from_the_start_states_construction():

@@ -29,6 +29,14 @@ class EnvError(ValueError):
     """An environment spec or its options are wrong; the message says which and why."""
 
 
+INVALID = "invalid action"  # prefix of safe_reward's error for an invalid action (not an env fault)
+
+
+class InvalidAction(ValueError):
+    """Raised by `transition` for an action that yields no state (no code in it, a program that
+    failed or returned an invalid construction): reward 0, logged as "invalid action: <why>"."""
+
+
 class DiscoveryEnv(abc.ABC):
     """One discovery problem. States and actions are strings; rewards are floats, 0 if invalid.
 
@@ -106,13 +114,15 @@ def safe_reward(env: DiscoveryEnv, action: str, timeout_s: float = 10.0,
     hung env keeps its thread (and a CPU core, if it spins) until it returns or the process
     exits; envs that execute code must bound that work themselves (the code envs do: candidates
     run in `jaxttt.eval.sandbox`'s confined processes under a wall-clock limit). An empty state
-    is invalid: reward 0 and an error.
+    or an `InvalidAction` is invalid: reward 0 and an error starting with INVALID.
     """
     box: dict[str, Any] = {}
 
     def work() -> None:
         try:
             box["out"] = _transition_and_reward(env, action, start_state)
+        except InvalidAction as e:
+            box["invalid"] = str(e)
         except BaseException as e:  # noqa: BLE001 - any env failure is reward 0
             box["err"] = f"{type(e).__name__}: {e}"
 
@@ -123,8 +133,10 @@ def safe_reward(env: DiscoveryEnv, action: str, timeout_s: float = 10.0,
         return "", 0.0, f"timeout: env did not answer within {timeout_s:g}s"
     if "err" in box:
         return "", 0.0, box["err"]
+    if "invalid" in box:
+        return "", 0.0, f"{INVALID}: {box['invalid']}"
     state, reward = box["out"]
-    return state, reward, (None if state else "invalid action: empty state")
+    return state, reward, (None if state else f"{INVALID}: empty state")
 
 
 def reward_record(env: DiscoveryEnv, prompt: str, action: str, state: str, reward: float,

@@ -55,7 +55,7 @@ from jaxttt import sharding
 from jaxttt.config import DiscoverConfig
 from jaxttt.data.chat_prompts import chat_prompt_ids, use_chat
 from jaxttt.discover.archive import Archive, Node
-from jaxttt.discover.env import DiscoveryEnv, load_env, reward_record, safe_reward
+from jaxttt.discover.env import INVALID, DiscoveryEnv, load_env, reward_record, safe_reward
 from jaxttt.discover.step import DiscoverTrainer, rollout_sampling
 from jaxttt.eval.report import encode_prompt
 from jaxttt.model import lora
@@ -68,7 +68,6 @@ DISCOVERY_LOG = "discovery_log.jsonl"
 BASELINE_LOG = "baseline_log.jsonl"
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapters"
-INVALID = "invalid action"  # prefix of safe_reward's error for an empty state (not an env fault)
 
 
 # --------------------------------------------------------------------------------------------

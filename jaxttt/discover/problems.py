@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import logging
 import math
 import os
 import select
@@ -51,14 +50,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jaxttt.discover.env import DiscoveryEnv, EnvError
+from jaxttt.discover.env import DiscoveryEnv, EnvError, InvalidAction
 from jaxttt.eval.humaneval import extract_code
 from jaxttt.eval import sandbox, wire
 
 if TYPE_CHECKING:
     from jaxttt.discover.archive import Archive
-
-log = logging.getLogger(__name__)
 
 
 # ============================================================================================
@@ -505,15 +502,14 @@ class ProgramEnv(DiscoveryEnv):
     def transition_from(self, start_state: str, action: str) -> str:
         code = extract_code(action)
         if not code.strip():
-            return ""
+            raise InvalidAction("no code in the action")
         try:
             start = decode_state(start_state)[1] if start_state else None
             result, printed = run_program(self.program(code, start), self.entry_kwargs(),
                                           self.limits, unsafe_local_exec=self.unsafe_local_exec)
             construction = self.construction_from_result(result)
         except (ProgramFailed, Invalid) as e:
-            log.debug("%s: invalid program: %s", type(self).__name__, e)
-            return ""
+            raise InvalidAction(str(e)[:300]) from None
         return encode_state(code, construction, printed.strip())
 
     def program(self, code: str, start: Any) -> str:

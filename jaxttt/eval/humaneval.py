@@ -84,15 +84,22 @@ def split_check(test_source: str) -> list[str]:
     return snippets
 
 
-_FENCED = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+_FENCE = r"```[ \t]*(?:python|py|python3)?[ \t]*\n"
+_FENCED = re.compile(_FENCE + r"(.*?)```", re.DOTALL | re.IGNORECASE)
+_OPENED = re.compile(r"\s*" + _FENCE + r"(.*)", re.DOTALL | re.IGNORECASE)
 
 
 def extract_code(action: str) -> str:
     """The first fenced block; else, for a continuation of an open fence, the text before the
-    closing fence; else the whole text."""
+    closing fence; else, for a block opened but never closed (cut at max_new_tokens; often a
+    repeat of the prompt's own opening fence), the text after the opening line; else the whole
+    text."""
     m = _FENCED.search(action)
+    opened = _OPENED.match(action)
     if m:
         code = m.group(1)
+    elif opened:
+        code = opened.group(1)
     elif "```" in action:
         code = action.split("```", 1)[0]
     else:
