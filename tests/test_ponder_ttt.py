@@ -164,3 +164,23 @@ def test_only_the_ttt_layer_is_trainable():
     n_all = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     n_ttt = sum(x.size for x in jax.tree.leaves(trainable))
     assert 0 < n_ttt < n_all
+
+
+def test_score_from_one_trunk_pass_equals_the_per_action_programs():
+    """ChunkRunner.score runs the trunk once per chunk; its [C, A] table, gate signal and
+    features equal those of the whole-chunk programs that `run` executes."""
+    from jaxttt.ponder.actions import N_STATIC, SIGNAL_FEATURE, ChunkRunner
+    from jaxttt.ponder.config import ACTIONS
+    model = attach(_tiny_trunk("mhc"), TTTConfig(n_heads=2, mini_batch=4))
+    model.ttt.wo[...] = model.ttt.wo[...] * 20.0  # actions must differ visibly
+    runner = ChunkRunner(model)
+    x_CT = np.asarray(jax.random.randint(jax.random.key(2), (5, 16), 0, 64))
+    y_CT = np.roll(x_CT, -1, axis=1)
+    losses_CA, signal_C, feats_CF = runner.score(x_CT, y_CT, 2, vocab=64, eos_id=0)
+    assert losses_CA.shape == (5, len(ACTIONS)) and feats_CF.shape == (5, N_STATIC)
+    whole_CA = np.stack([runner.run(x_CT, y_CT, np.full(5, a)) for a in range(len(ACTIONS))], -1)
+    np.testing.assert_allclose(losses_CA, whole_CA, rtol=1e-5, atol=1e-5)
+    assert np.ptp(losses_CA, axis=1).min() > 1e-4  # the check compares different numbers
+    recon_C = np.asarray(model.ttt.recon_signal(model.hidden(jnp.asarray(x_CT))).mean(-1))
+    np.testing.assert_allclose(signal_C, recon_C, rtol=1e-5)
+    np.testing.assert_allclose(feats_CF[:, SIGNAL_FEATURE], recon_C, rtol=1e-5)

@@ -2,9 +2,11 @@
 
 Each action is its own jitted function (the inner-step count is static), so a SKIP chunk runs a
 program that contains no fast-weight update at all. `ChunkRunner.run` executes a batch of
-chunks with per-chunk actions by grouping the rows by action; `table` scores every chunk under
-every action (what the post-hoc oracle and the policies' training need); `flops` reads the
-programs' own FLOP counts (XLA's HLO cost analysis) next to the seeds' nominal costs.
+chunks with per-chunk actions by grouping the rows by action; `score` scores every chunk under
+every action (what the post-hoc oracle and the policies' training need) with the gate's signal
+and the policy's features, all from one pass of the frozen trunk per chunk (its hidden states
+do not depend on the action); `flops` reads the programs' own FLOP counts (XLA's
+HLO cost analysis) next to the seeds' nominal costs.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from jaxttt.model.transformer import token_logprobs
 from jaxttt.ponder.config import ACTIONS, STEPS
 from jaxttt.ponder.model import PonderModel
 
-N_STATIC = 26  # label-free per-chunk features (see _features, token_features); + 6 from the episode
+N_STATIC = 26  # label-free per-chunk features (see _features_h, token_features); + 6 from the episode
 SIGNAL_FEATURE = 14  # column of the mean reconstruction signal
 
 
@@ -29,10 +31,14 @@ def _nll(graphdef, state, x_BT, y_BT, *, steps, unroll=False):
     return -token_logprobs(logits_BTV, y_BT).mean(axis=-1)
 
 
-def _signal(graphdef, state, x_BT):
-    """Reconstruction loss at the initial fast weights, per chunk [B] (input-only, no update)."""
-    model = nnx.merge(graphdef, state)
-    return model.ttt.recon_signal(model.hidden(x_BT)).mean(axis=-1)
+def _hidden(graphdef, state, x_BT):
+    return nnx.merge(graphdef, state).hidden(x_BT)
+
+
+def _nll_h(graphdef, state, h_BTD, y_BT, *, steps):
+    """_nll from the trunk's hidden states (the same program after the trunk)."""
+    logits_BTV, _ = nnx.merge(graphdef, state).logits_from_hidden(h_BTD, steps)
+    return -token_logprobs(logits_BTV, y_BT).mean(axis=-1)
 
 
 def _entropy_stats(p_BTV):
@@ -49,11 +55,8 @@ def _ttt_only(graphdef, state, h_BTD, *, steps):
 
 
 def _signal_h(graphdef, state, h_BTD):
+    """Reconstruction loss at the initial fast weights, per chunk [B] (input-only, no update)."""
     return nnx.merge(graphdef, state).ttt.recon_signal(h_BTD).mean(axis=-1)
-
-
-def _features(graphdef, state, x_BT):
-    return _features_h(graphdef, state, nnx.merge(graphdef, state).hidden(x_BT))
 
 
 def _features_h(graphdef, state, h_BTD):
@@ -109,8 +112,10 @@ class ChunkRunner:
         self.graphdef, self.state = nnx.split(model)
         self.vocab, self.d_model = model.trunk.cfg.vocab_size, model.trunk.cfg.d_model
         self._nll = {s: jax.jit(functools.partial(_nll, self.graphdef, steps=s)) for s in STEPS}
-        self._signal = jax.jit(functools.partial(_signal, self.graphdef))
-        self._features = jax.jit(functools.partial(_features, self.graphdef))
+        self._hidden = jax.jit(functools.partial(_hidden, self.graphdef))
+        self._nll_h = {s: jax.jit(functools.partial(_nll_h, self.graphdef, steps=s)) for s in STEPS}
+        self._signal_h = jax.jit(functools.partial(_signal_h, self.graphdef))
+        self._features_h = jax.jit(functools.partial(_features_h, self.graphdef))
 
     def nll(self, x_BT, y_BT, action: int) -> np.ndarray:
         """Mean NLL per chunk [B] with ACTIONS[action] applied to every row."""
@@ -125,21 +130,21 @@ class ChunkRunner:
             out[rows] = self.nll(np.asarray(x_BT)[rows], np.asarray(y_BT)[rows], int(a))
         return out
 
-    def table(self, x_CT, y_CT, batch: int) -> np.ndarray:
-        """[C, A] mean NLL of every chunk under every action."""
-        return np.concatenate([np.stack([self.nll(x_CT[i:i + batch], y_CT[i:i + batch], a)
-                                         for a in range(len(ACTIONS))], axis=-1)
-                               for i in range(0, len(x_CT), batch)])
-
-    def signal(self, x_CT, batch: int) -> np.ndarray:
-        return np.concatenate([np.asarray(self._signal(self.state, jnp.asarray(x_CT[i:i + batch])))
-                               for i in range(0, len(x_CT), batch)])
-
-    def features(self, x_CT, batch: int, *, vocab: int, eos_id: int) -> np.ndarray:
-        """[C, N_STATIC] label-free features of every chunk."""
-        dev = np.concatenate([np.asarray(self._features(self.state, jnp.asarray(x_CT[i:i + batch])))
-                              for i in range(0, len(x_CT), batch)])
-        return np.concatenate([dev, token_features(x_CT, vocab, eos_id)], axis=-1)
+    def score(self, x_CT, y_CT, batch: int, *, vocab: int,
+              eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """([C, A] mean NLL of every chunk under every action, [C] gate signal, [C, N_STATIC]
+        label-free features), with one trunk pass per chunk shared by all of them."""
+        losses, signal, feats = [], [], []
+        for i in range(0, len(x_CT), batch):
+            h_BTD = self._hidden(self.state, jnp.asarray(x_CT[i:i + batch]))
+            y_BT = jnp.asarray(y_CT[i:i + batch])
+            losses.append(np.stack([np.asarray(self._nll_h[s](self.state, h_BTD, y_BT))
+                                    for s in STEPS], axis=-1))
+            signal.append(np.asarray(self._signal_h(self.state, h_BTD)))
+            feats.append(np.asarray(self._features_h(self.state, h_BTD)))
+        dev = np.concatenate(feats)
+        return (np.concatenate(losses), np.concatenate(signal),
+                np.concatenate([dev, token_features(x_CT, vocab, eos_id)], axis=-1))
 
     def flops(self, batch: int, seq_len: int, d_model: int) -> dict[str, float]:
         """FLOPs per chunk from XLA's HLO cost analysis of each program (lowered, not compiled,

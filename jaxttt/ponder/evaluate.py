@@ -1,7 +1,7 @@
 """`ponder eval`: every method on the same held-out chunks, over seeds -> results.json + Pareto plot.
 
 Per seed (one `ponder train` run each, or one run with disjoint held-out blocks per seed):
-score every chunk under every action (ChunkRunner.table), compute each method's actions, and
+score every chunk under every action (ChunkRunner.score), compute each method's actions, and
 read its loss per chunk. Methods: SKIP, UPDATE_1/2/4, random (the gate's action at the target
 rate), oracle (greedy top-rate chunks by realised gain, same action), oracle_best (each chunk's
 best action: a bound), gated / gated_lag1 (reconstruction threshold + PID rate control), ppo /
@@ -49,10 +49,9 @@ def score_seed(runner: ChunkRunner, tokenizer, tcfg: PonderTrainConfig, ecfg: Po
                                 vocab=vocab)
     progress(f"seed {seed}: scoring {len(x)} held-out and {len(xt)} policy-training chunks "
              f"under {len(ACTIONS)} actions")
-    losses, losses_t = runner.table(x, y, B), runner.table(xt, yt, B)
-    signal = runner.signal(x, B)
-    feats_t, feats = normalise(runner.features(xt, B, vocab=vocab, eos_id=tokenizer.eos_id),
-                               runner.features(x, B, vocab=vocab, eos_id=tokenizer.eos_id))
+    losses, signal, feats = runner.score(x, y, B, vocab=vocab, eos_id=tokenizer.eos_id)
+    losses_t, _, feats_t = runner.score(xt, yt, B, vocab=vocab, eos_id=tokenizer.eos_id)
+    feats_t, feats = normalise(feats_t, feats)
     return {"x": x, "y": y, "losses": losses, "signal": signal,
             "table_t": ChunkTable(losses_t, feats_t, None),
             "table": ChunkTable(losses, feats, signal), "flops": _flops(runner, B, T)}

@@ -7,7 +7,7 @@ that would leave too little budget to SKIP every remaining chunk are masked (har
 Reward = reward_scale * (loss_SKIP - loss_action) - lambda * cost, where lambda is the PID
 output on (mean cost per chunk - budget) of the last iteration's episodes, clipped at 0.
 Because chunks are independent fast-weight episodes, the per-chunk losses of all actions are
-precomputed (ChunkRunner.table) and rollouts are table look-ups.
+precomputed (ChunkRunner.score) and rollouts are table look-ups.
 """
 from __future__ import annotations
 
