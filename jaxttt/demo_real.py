@@ -179,7 +179,7 @@ def ponder(model_run: Path, out: Path, plan: RealPlan, data: dict) -> dict:
     from jaxttt.runs import fresh_run_dir
 
     root = out / "real"
-    tcfg = C.load(PonderTrainConfig, "ponder/tiny.yaml", [
+    tcfg = C.load(PonderTrainConfig, "ponder/smollm2.yaml", [  # zero_out: starts as the trunk
         f"base={model_run}", f"steps={plan.ponder_steps}", f"batch_size={plan.ponder_batch}",
         f"chunk_len={plan.chunk_len}", f"log_every={max(plan.ponder_steps // 3, 1)}",
         "save_every=0", "keep=1", f"optim.warmup_steps={max(plan.ponder_steps // 4, 1)}",
