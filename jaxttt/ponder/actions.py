@@ -25,20 +25,19 @@ N_STATIC = 26  # label-free per-chunk features (see _features_h, token_features)
 SIGNAL_FEATURE = 14  # column of the mean reconstruction signal
 
 
-def _nll(graphdef, state, x_BT, y_BT, *, steps, unroll=False):
-    model = nnx.merge(graphdef, state)
-    logits_BTV, _ = model(x_BT, steps, unroll=unroll)
-    return -token_logprobs(logits_BTV, y_BT).mean(axis=-1)
-
-
 def _hidden(graphdef, state, x_BT):
     return nnx.merge(graphdef, state).hidden(x_BT)
 
 
-def _nll_h(graphdef, state, h_BTD, y_BT, *, steps):
-    """_nll from the trunk's hidden states (the same program after the trunk)."""
-    logits_BTV, _ = nnx.merge(graphdef, state).logits_from_hidden(h_BTD, steps)
+def _nll_h(graphdef, state, h_BTD, y_BT, *, steps, unroll=False):
+    """Mean NLL per chunk [B] from the trunk's hidden states with `steps` inner updates."""
+    logits_BTV, _ = nnx.merge(graphdef, state).logits_from_hidden(h_BTD, steps, unroll=unroll)
     return -token_logprobs(logits_BTV, y_BT).mean(axis=-1)
+
+
+def _nll(graphdef, state, x_BT, y_BT, *, steps, unroll=False):
+    """The whole-chunk program of one action: trunk, fast-weight layer, loss."""
+    return _nll_h(graphdef, state, _hidden(graphdef, state, x_BT), y_BT, steps=steps, unroll=unroll)
 
 
 def _entropy_stats(p_BTV):
