@@ -133,7 +133,7 @@ def discover(model_run: Path, out: Path, plan: RealPlan, progress: bool) -> dict
         f"env={plan.env}", f"steps={plan.discover_steps}", f"rollouts={plan.rollouts}",
         f"sampling.max_new_tokens={plan.discover_new_tokens}", f"optim.lr={plan.discover_lr}",
         f"lora.rank={plan.lora_rank}", f"lora.alpha={2 * plan.lora_rank}", "save_every=0",
-        "reward_workers=2", "rollout_policy=importance", "remat=false"])
+        "reward_workers=2", "rollout_policy=importance"])
     # one sampler for both arms (T=1, top_p=0.95: at top_p=1 SmolLM2-135M's code is almost all
     # tail noise); the TTT gradient is corrected with truncated importance weights
     return run_discover_from_checkpoint(model_run, cfg, out / "real" / "discover",
