@@ -134,7 +134,7 @@ class Transformer(nnx.Module):
 
     def _block_call(self, block, x, pos_BT, cache, use_lora, remat: bool | None = None):
         if (self.cfg.remat if remat is None else remat) and cache is None:
-            gdef, state = nnx.split(block)  # a pure function of the block's state: jax.checkpoint
+            gdef, state = nnx.split(block)  # a pure function of the block's state: a custom_vjp
             # composes with any outer trace (nnx.remat would mutate Params across trace levels)
             run = lambda st, x_, p_: nnx.merge(gdef, st)(x_, p_, None, use_lora)[0]
             return rematerialized(run, state, x, pos_BT), None
