@@ -113,7 +113,6 @@ class ChunkRunner:
         self._nll = {s: jax.jit(functools.partial(_nll, self.graphdef, steps=s)) for s in STEPS}
         self._hidden = jax.jit(functools.partial(_hidden, self.graphdef))
         self._nll_h = {s: jax.jit(functools.partial(_nll_h, self.graphdef, steps=s)) for s in STEPS}
-        self._signal_h = jax.jit(functools.partial(_signal_h, self.graphdef))
         self._features_h = jax.jit(functools.partial(_features_h, self.graphdef))
 
     def nll(self, x_BT, y_BT, action: int) -> np.ndarray:
@@ -132,17 +131,17 @@ class ChunkRunner:
     def score(self, x_CT, y_CT, batch: int, *, vocab: int,
               eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """([C, A] mean NLL of every chunk under every action, [C] gate signal, [C, N_STATIC]
-        label-free features), with one trunk pass per chunk shared by all of them."""
-        losses, signal, feats = [], [], []
+        label-free features), with one trunk pass per chunk shared by all of them. The gate
+        signal is the features' SIGNAL_FEATURE column."""
+        losses, feats = [], []
         for i in range(0, len(x_CT), batch):
             h_BTD = self._hidden(self.state, jnp.asarray(x_CT[i:i + batch]))
             y_BT = jnp.asarray(y_CT[i:i + batch])
             losses.append(np.stack([np.asarray(self._nll_h[s](self.state, h_BTD, y_BT))
                                     for s in STEPS], axis=-1))
-            signal.append(np.asarray(self._signal_h(self.state, h_BTD)))
             feats.append(np.asarray(self._features_h(self.state, h_BTD)))
         dev = np.concatenate(feats)
-        return (np.concatenate(losses), np.concatenate(signal),
+        return (np.concatenate(losses), dev[:, SIGNAL_FEATURE].copy(),
                 np.concatenate([dev, token_features(x_CT, vocab, eos_id)], axis=-1))
 
     def flops(self, batch: int, seq_len: int, d_model: int) -> dict[str, float]:
