@@ -6,7 +6,8 @@ Each process gets the environment `jaxttt.sharding.init_distributed()` reads
 (JAXTTT_COORDINATOR=127.0.0.1:PORT, JAXTTT_NUM_PROCESSES, JAXTTT_PROCESS_ID) plus
 JAX_PLATFORMS=cpu and XLA_FLAGS with the device count, so the same command that runs on a TPU
 slice (where launch/tpu.py sets JAXTTT_COORDINATOR=auto) runs here over gloo. Output is
-streamed with a `[pI]` prefix; if one process fails, the others are killed (each child leads
+streamed with a `[pI]` prefix, whole lines only: stdout and stderr come through separate pipes,
+so a library writing to stderr in pieces (gloo does) cannot split a line the program prints. If one process fails, the others are killed (each child leads
 its own process group, so its children go too) and the launcher returns non-zero.
 """
 from __future__ import annotations
@@ -58,16 +59,17 @@ def child_env(base: dict[str, str], *, rank: int, n: int, port: int,
     return env
 
 
-def _pump(proc: subprocess.Popen, prefix: str, out: TextIO, log: TextIO | None,
+def _pump(stream: TextIO, prefix: str, out: TextIO, log: TextIO | None,
           lock: threading.Lock) -> None:
-    """Copy a child's output to `out` (prefixed) and to its log file, line by line."""
-    for line in proc.stdout:
+    """Copy one of a child's streams to `out` (prefixed) and to its log file, line by line."""
+    for line in stream:
+        line = line if line.endswith("\n") else line + "\n"
         with lock:
-            out.write(f"{prefix} {line}" if line.endswith("\n") else f"{prefix} {line}\n")
+            out.write(f"{prefix} {line}")
             out.flush()
-        if log is not None:
-            log.write(line)
-            log.flush()
+            if log is not None:
+                log.write(line)
+                log.flush()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -116,7 +118,7 @@ def _start(cmd: Sequence[str], n: int, port: int, devices_per_process: int,
            cwd: Path, env: dict[str, str] | None) -> list[subprocess.Popen]:
     base = dict(os.environ if env is None else env)
     return [subprocess.Popen(list(cmd), cwd=cwd, text=True, bufsize=1, errors="replace",
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              stdin=subprocess.DEVNULL, start_new_session=True,
                              env=child_env(base, rank=i, n=n, port=port,
                                            devices_per_process=devices_per_process))
@@ -141,8 +143,9 @@ def launch_local(cmd: Sequence[str], n: int, devices_per_process: int = 1, *,
     logs = _open_logs(log_dir, n)
     lock = threading.Lock()
     procs = _start(cmd, n, port, devices_per_process, Path(cwd or os.getcwd()), env)
-    pumps = [threading.Thread(target=_pump, args=(p, f"[p{i}]", out, logs[i], lock), daemon=True)
-             for i, p in enumerate(procs)]
+    pumps = [threading.Thread(target=_pump, args=(stream, f"[p{i}]", out, logs[i], lock),
+                              daemon=True)
+             for i, p in enumerate(procs) for stream in (p.stdout, p.stderr)]
     for t in pumps:
         t.start()
     try:

@@ -180,6 +180,25 @@ def test_two_processes_sum_across_hosts(tmp_path):
         assert f"rank={r} devices=4" in (tmp_path / f"p{r}.log").read_text()
 
 
+_PIECEMEAL = """
+import sys, time
+sys.stderr.write("[lib] connected to 1"); sys.stderr.flush(); time.sleep(0.3)
+print("rank=0 done", flush=True); time.sleep(0.3)
+sys.stderr.write(" peer\\n"); sys.stderr.flush()
+"""
+
+
+def test_lines_stay_whole_when_stderr_is_written_in_pieces(tmp_path):
+    # gloo writes its stderr lines in pieces; a line the program prints must not land inside one
+    out = io.StringIO()
+    rc = local.launch_local([sys.executable, "-c", _PIECEMEAL], n=1, log_dir=tmp_path, out=out,
+                            timeout=60)
+    lines = out.getvalue().splitlines()
+    assert rc == 0 and "[p0] rank=0 done" in lines and "[p0] [lib] connected to 1 peer" in lines
+    assert set((tmp_path / "p0.log").read_text().splitlines()) == {
+        "rank=0 done", "[lib] connected to 1 peer"}
+
+
 def test_failure_kills_the_other_process_group(tmp_path):
     out = io.StringIO()
     start = time.monotonic()
