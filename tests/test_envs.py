@@ -159,6 +159,28 @@ def test_code_env_rewards_through_sandbox():
     assert prompt.endswith("Improved solution:\n```python\n") and "rle(s)" in prompt
 
 
+@pytest.mark.parametrize("action,needle", [
+    ("no code here, just words about rle", "line 1: SyntaxError"),
+    ("```python\ndef rle(s):\n    return (\n```", "line 2: SyntaxError"),
+    ("```python\ndef rle(s):\n  return 1\n    x = 2\n```", "line 3: IndentationError"),
+    ("```python\nx = 1\x00\n```", "null bytes"),
+    ("```python\nx = " + "(" * 300 + "1" + ")" * 300 + "\n```", "SyntaxError"),
+    ("```python\n```", "no code in the action"),
+])
+def test_code_env_marks_unparsable_actions_invalid_without_running_them(action, needle):
+    # reward 0 as before, but the log says why (n_invalid, not a silent 0 from the sandbox)
+    state, reward, error = safe_reward(CodeTestsEnv(timeout_s=2.0), action, timeout_s=10.0)
+    assert (state, reward) == ("", 0.0) and error.startswith("invalid action") and needle in error
+
+
+def test_humaneval_env_marks_a_broken_body_invalid():
+    env = load_env("humaneval:HumanEval/12", {"timeout_s": 10.0})
+    _, reward, error = safe_reward(env, "    return strings[0\n", timeout_s=20.0)
+    assert reward == 0.0 and error.startswith("invalid action") and "SyntaxError" in error
+    state, reward, error = safe_reward(env, env.task.canonical_solution, timeout_s=20.0)
+    assert (reward, error) == (1.0, None) and env.task.prompt.strip() in state
+
+
 def test_code_env_custom_problem():
     env = load_env("code", {"description": "Write sq(x).",
                             "tests": ["assert sq(2) == 4", "assert sq(-3) == 9"]})

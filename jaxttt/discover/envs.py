@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from jaxttt.discover.env import DiscoveryEnv, EnvError
+from jaxttt.discover.env import DiscoveryEnv, EnvError, InvalidAction
 from jaxttt.eval import humaneval, sandbox
 from jaxttt.eval.humaneval import extract_code  # noqa: F401 - part of this module's interface
 
@@ -183,6 +183,21 @@ DEFAULT_CODE_PROBLEM = {
     "initial": "def rle(s):\n    raise NotImplementedError\n",
 }
 
+def checked_program(code: str) -> str:
+    """`code` if it is a Python program; else InvalidAction saying why (no code, or the
+    syntax error and its line). Compiling parses the candidate; it never runs it."""
+    if not code.strip():
+        raise InvalidAction("no code in the action")
+    try:
+        compile(code, "<candidate>", "exec", dont_inherit=True)
+    except SyntaxError as e:
+        where = f"line {e.lineno}: " if e.lineno else ""
+        raise InvalidAction(f"{where}{type(e).__name__}: {e.msg}"[:300]) from None
+    except (ValueError, RecursionError, MemoryError) as e:  # NUL bytes; nesting past the parser
+        raise InvalidAction(f"not a Python program: {type(e).__name__}: {e}"[:300]) from None
+    return code
+
+
 def _require_sandbox(unsafe_local_exec: bool) -> None:
     try:
         sandbox.check_confinement(unsafe_local_exec)
@@ -234,7 +249,7 @@ class CodeTestsEnv(DiscoveryEnv):
         return "\n".join(parts)
 
     def transition(self, action: str) -> str:
-        return extract_code(action)
+        return checked_program(extract_code(action))
 
     def _evaluate(self, state: str) -> sandbox.TestsResult:
         return sandbox.evaluate(state, self.tests, limits=self.limits,
@@ -283,9 +298,9 @@ class _BenchmarkEnv(CodeTestsEnv):
 
     def transition(self, action: str) -> str:
         code = extract_code(action)
-        if code and self.task.completion_style and f"def {self.task.entry_point}" not in code:
+        if code.strip() and self.task.completion_style and f"def {self.task.entry_point}" not in code:
             code = self.task.program(code)  # a continuation of the prompt's body
-        return code
+        return checked_program(code)
 
     def _evaluate(self, state: str) -> sandbox.TestsResult:
         return sandbox.evaluate(state, self.tests, limits=self.limits,
