@@ -18,6 +18,7 @@ from jaxttt import sharding
 from jaxttt.model import lora
 from jaxttt.model.mhc import aggregate, mix_streams
 from jaxttt.model.transformer import Transformer, cross_entropy, tied_unembed
+from jaxttt.train import trainer
 from jaxttt.train.trainer import (ADAPTERS, BASE_PARAMS, Trainer, decay_mask, lr_schedule,
                                   update_count, warmup_steps)
 
@@ -227,3 +228,15 @@ def test_remat_update_holds_one_block_of_activations():
 
     kept, rematerialised = temp_bytes(False), temp_bytes(True)
     assert rematerialised < 0.5 * kept, (rematerialised, kept)
+
+
+def test_cpu_update_program_has_no_ynn_fusions(monkeypatch):
+    """On XLA:CPU (jaxlib 0.10) the update compiles without YNNPACK fusions, whose cache loads
+    are quadratic; the option is set only for jax versions known to have it."""
+    model = tiny_model()
+    tr = Trainer(model, lm_loss, OPTIM, mesh=mesh1(), total_steps=10)
+    text = tr.compile(lm_batch(rows=2, width=32), verbose=False).as_text()
+    known = tuple(int(x) for x in jax.__version__.split(".")[:2]) in trainer.CPU_UPDATE_OPTIONS
+    assert ('"kind":"__ynn_fusion"' in text) == (not known)  # a fusion's backend config
+    monkeypatch.setattr(jax, "__version__", "0.99.0")
+    assert trainer.update_compiler_options() is None

@@ -200,11 +200,28 @@ def _update(params, opt_state, skipped, rest, context, batch, *, st: _Static):
     return (*out, skipped + 1 - ok.astype(jnp.int32), metrics)
 
 
+# XLA:CPU (jaxlib 0.10) rebuilds each YNNPACK fusion thunk of a cached program with a scan over
+# the module's instructions, so loading an update with thousands of dots from the compile cache
+# is quadratic: SmolLM2's discover update (3100 YNN fusions) loaded in 22-24 s, no faster than
+# compiling it; without YNN fusions it loads in 10-14 s and runs as fast. Sampling keeps YNN
+# (the bench model samples ~28% slower without it). Keyed by jax (major, minor): another
+# version may not know the option.
+CPU_UPDATE_OPTIONS = {(0, 10): {"xla_cpu_experimental_ynn_fusion_type": ""}}
+
+
+def update_compiler_options() -> dict[str, str] | None:
+    """XLA options for the update program on this backend (None: the defaults)."""
+    if jax.default_backend() != "cpu":
+        return None
+    return CPU_UPDATE_OPTIONS.get(tuple(int(x) for x in jax.__version__.split(".")[:2]))
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted(st: _Static) -> Callable:
     """The jitted update for `st` (cached: trainers on one model structure share compiles).
     Donates the trainable state, the optimizer state and the skip counter (arguments 0-2)."""
-    return jax.jit(functools.partial(_update, st=st), donate_argnums=(0, 1, 2))
+    return jax.jit(functools.partial(_update, st=st), donate_argnums=(0, 1, 2),
+                   compiler_options=update_compiler_options())
 
 
 # --------------------------------------------------------------------------------------------
