@@ -7,8 +7,9 @@ Each process gets the environment `jaxttt.sharding.init_distributed()` reads
 JAX_PLATFORMS=cpu and XLA_FLAGS with the device count, so the same command that runs on a TPU
 slice (where launch/tpu.py sets JAXTTT_COORDINATOR=auto) runs here over gloo. Output is
 streamed with a `[pI]` prefix, whole lines only: stdout and stderr come through separate pipes,
-so a library writing to stderr in pieces (gloo does) cannot split a line the program prints. If one process fails, the others are killed (each child leads
-its own process group, so its children go too) and the launcher returns non-zero.
+so a library writing to stderr in pieces (gloo does) cannot split a line the program prints.
+If one process fails, the others are killed (each child leads its own process group, so its
+children go too) and the launcher returns non-zero.
 """
 from __future__ import annotations
 

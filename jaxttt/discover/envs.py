@@ -183,6 +183,7 @@ DEFAULT_CODE_PROBLEM = {
     "initial": "def rle(s):\n    raise NotImplementedError\n",
 }
 
+
 def checked_program(code: str) -> str:
     """`code` if it is a Python program; else InvalidAction saying why (no code, or the
     syntax error and its line). Compiling parses the candidate; it never runs it."""

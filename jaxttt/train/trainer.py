@@ -315,17 +315,22 @@ class Trainer:
         shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
         return shapes, context is not None
 
-    def compile(self, example_batch: dict, *, context=None, verbose: bool = True):
-        """AOT-compile the update for batches shaped like `example_batch` (before step 0) and
-        print its per-device memory use; later steps of that shape run this executable."""
+    def lower(self, example_batch: dict, *, context=None) -> jax.stages.Lowered:
+        """The update traced and lowered for batches shaped like `example_batch`."""
         def spec(x):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
-        batch = self._place(example_batch)
         args = jax.tree.map(spec, (self.params, self.opt_state, self._skipped, self.rest,
-                                   context, batch))
+                                   context, self._place(example_batch)))
         with jax.set_mesh(self.mesh):
-            compiled = _jitted(self._static(context)).lower(*args).compile()
+            return _jitted(self._static(context)).lower(*args)
+
+    def compile(self, example_batch: dict, *, context=None, verbose: bool = True):
+        """AOT-compile the update for batches shaped like `example_batch` (before step 0) and
+        print its per-device memory use; later steps of that shape run this executable."""
+        batch = self._place(example_batch)  # placed once: lower() passes device arrays through
+        with jax.set_mesh(self.mesh):
+            compiled = self.lower(batch, context=context).compile()
         self._aot[self._key(batch, context)] = compiled
         if verbose:
             print(memory_report(compiled), flush=True)
