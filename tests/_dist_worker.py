@@ -33,6 +33,7 @@ def run_sum() -> None:
     ranks = multihost_utils.process_allgather(np.int32(rank))
     print(f"rank={rank} devices={jax.device_count()} sum={float(total)} "
           f"ranks={ranks.tolist()}", flush=True)
+    jax.distributed.shutdown()  # both ranks leave together here, not in separate atexit hooks
 
 
 def run_fail(out_dir: Path) -> None:
