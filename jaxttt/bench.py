@@ -102,9 +102,8 @@ def run(args) -> dict:
     import jax
 
     from jaxttt import config as C
-    from jaxttt.model.transformer import Transformer, count_params
+    from jaxttt.model.transformer import abstract_model, count_params
     from jaxttt.train import metrics
-    from flax import nnx
 
     cfg = C.load(C.ModelConfig, args.model)
     plain_cfg = C.load(C.ModelConfig, args.model, ["mhc.mode=none"])
@@ -116,7 +115,7 @@ def run(args) -> dict:
     log(f"sampling (KV cache): {sample:,.0f} tokens/s")
     plain = time_train(plain_cfg, batch=args.batch, seq_len=args.seq_len, steps=args.steps)
     log(f"train step (plain): {plain:,.0f} tokens/s")
-    n_params = count_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    n_params = count_params(abstract_model(cfg))
     out = {"train_tokens_per_s": round(train, 1), "sample_tokens_per_s": round(sample, 1),
            "plain_train_tokens_per_s": round(plain, 1), "mhc_overhead": round(plain / train - 1, 4),
            "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),

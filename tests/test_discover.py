@@ -121,6 +121,17 @@ def test_update_changes_only_adapters(theta0):
         assert unchanged == ("lora_a" in path), path
 
 
+def test_the_precompiled_update_is_the_one_run(theta0):
+    prompts, completions = _rows(prompt_len=20)
+    tr = _trainer(theta0)
+    tr.precompile(len(prompts[0]), len(prompts))  # before sampling: shapes from the prompt only
+    m = tr.update(prompts, completions, REWARDS)
+    assert not tr.core._pending and len(tr.core._aot) == 1  # the shapes matched: no other compile
+    ref = _trainer(theta0)
+    assert ref.update(prompts, completions, REWARDS)["loss"] == m["loss"]
+    assert all(_leaves_equal(ref.lora, tr.lora))
+
+
 def test_base_logprobs_unaffected_after_updates(theta0):
     tr = _trainer(theta0)
     toks = jnp.asarray([list(range(3, 19))])

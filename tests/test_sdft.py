@@ -135,6 +135,14 @@ def test_ema_teacher_moves_by_one_minus_tau_and_gets_no_gradient(base_run, tok, 
     assert all(np.all(g == 0) for g in _leaves(grads))
 
 
+def test_the_update_compiled_during_sampling_serves_every_step(base_run, tok, mesh):
+    tr = _trainer(base_run, tok, mesh)
+    for i in range(2):  # the second step's teacher comes from the EMA update
+        batch, _ = tr.rollout(EXAMPLES[:2], jax.random.key(i))
+        tr.update(batch)
+    assert not tr.core._pending and len(tr.core._aot) == 1
+
+
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 def test_each_kl_direction_decreases_on_a_fixed_batch(base_run, tok, mesh, direction):
     tr = _trainer(base_run, tok, mesh, f"kl_direction={direction}", "ema_decay=1.0")

@@ -177,6 +177,33 @@ def test_compile_reset_and_state_round_trip(capsys):
     assert tr.update_count == 0 and int(update_count(tr.opt_state)) == 0
 
 
+def test_precompile_compiles_in_the_background_and_steps_as_the_jit_does():
+    pre = Trainer(tiny_model(), lm_loss, OPTIM, mesh=mesh8(), total_steps=7)
+    pre.precompile(lm_batch())
+    pre.precompile(lm_batch(seed=3))  # the same shapes, under way: not a second compile
+    assert len(pre._pending) == 1
+    got = [pre.step(lm_batch(seed=s)) for s in range(2)]
+    assert not pre._pending and len(pre._aot) == 1
+    assert trainer._jitted(pre._static(None))._cache_size() == 0  # the jit compiled nothing
+    ref = Trainer(tiny_model(), lm_loss, OPTIM, mesh=mesh8(), total_steps=7)
+    assert [ref.step(lm_batch(seed=s)) for s in range(2)] == got
+    for a, b in zip(leaves(pre.params), leaves(ref.params)):
+        np.testing.assert_array_equal(a, b)
+    pre.precompile(lm_batch(rows=16))  # another shape: another executable
+    pre.step(lm_batch(rows=16))
+    assert len(pre._aot) == 2
+
+
+def test_a_failed_background_compile_raises_at_the_step():
+    def broken(model, batch):
+        raise ValueError("loss_fn: no such batch key 'z'")
+
+    tr = Trainer(tiny_model(), broken, OPTIM, mesh=mesh1(), total_steps=10)
+    tr.precompile(lm_batch())  # returns at once; the error surfaces where the update is run
+    with pytest.raises(ValueError, match="no such batch key"):
+        tr.step(lm_batch())
+
+
 # --------------------------------------------------------------------------------------------
 # Custom VJPs against autodiff of the plain formula
 # --------------------------------------------------------------------------------------------

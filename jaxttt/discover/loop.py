@@ -154,6 +154,12 @@ def prompt_ids(tokenizer, text: str, max_seq_len: int, max_new_tokens: int, *,
     return chat_prompt_ids(tokenizer, text, room) if chat else encode_prompt(tokenizer, text, room)
 
 
+def action_prompt_ids(tokenizer, prompt: str, cfg: DiscoverConfig, max_seq_len: int) -> list[int]:
+    """The token ids actions for `prompt` are sampled from (and trained on)."""
+    return prompt_ids(tokenizer, prompt, max_seq_len, cfg.sampling.max_new_tokens,
+                      chat=use_chat(tokenizer, cfg.chat))
+
+
 def sample_rollouts(model: nnx.Module, tokenizer, prompt: str, n: int, key: jax.Array,
                     cfg: DiscoverConfig, *, use_lora: bool = True, greedy: bool = False,
                     ttt: bool = False, mesh: Mesh | None = None) -> Rollouts:
@@ -164,8 +170,7 @@ def sample_rollouts(model: nnx.Module, tokenizer, prompt: str, n: int, key: jax.
     sc = cfg.sampling
     how = rollout_sampling(cfg) if ttt else {"temperature": sc.temperature, "top_p": sc.top_p,
                                              "top_k": sc.top_k, "greedy": sc.greedy}
-    ids = prompt_ids(tokenizer, prompt, model.cfg.max_seq_len, sc.max_new_tokens,
-                     chat=use_chat(tokenizer, cfg.chat))
+    ids = action_prompt_ids(tokenizer, prompt, cfg, model.cfg.max_seq_len)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         out = generate(model, [ids] * n, key, max_new_tokens=sc.max_new_tokens,
@@ -266,6 +271,8 @@ class DiscoverRun:
         t0 = time.perf_counter()
         node = self.start_node()
         prompt = self.env.context_from_archive(node.state, self.archive)
+        ids = action_prompt_ids(self.tok, prompt, self.cfg, self.trainer.max_seq_len)
+        self.trainer.precompile(len(ids), self.cfg.rollouts)  # compiles while sampling
         ro = sample_rollouts(self.trainer.model(), self.tok, prompt, self.cfg.rollouts,
                              jax.random.fold_in(self.ttt_key, t), self.cfg, ttt=True,
                              mesh=self.trainer.mesh)

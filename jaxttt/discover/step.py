@@ -222,6 +222,21 @@ class DiscoverTrainer:
                                 beta=None if cfg.adaptive_beta else cfg.beta,
                                 beta_max=cfg.beta_max, drop_equal=cfg.drop_equal_groups)
 
+    def rows(self, prompts: Sequence[Sequence[int]],
+             completions: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """The update's teacher-forcing rows, in the width bucket of the longest prompt."""
+        width = batch_width(max(map(len, prompts)), self.cfg.sampling.max_new_tokens,
+                            self.max_seq_len)
+        return build_batch(prompts, completions, pad_id=self.pad_id, width=width,
+                           rows_multiple=self.rows_multiple)
+
+    def precompile(self, prompt_len: int, n_rows: int) -> None:
+        """Compile, in the background, the update for `n_rows` actions of a `prompt_len`
+        prompt: call it before sampling them, and the compile runs beside the sampling."""
+        batch = self.rows([[self.pad_id] * prompt_len] * n_rows, [[self.pad_id]] * n_rows)
+        zeros = np.zeros(len(batch["tokens"]), np.float32)
+        self.core.precompile({**batch, "adv": zeros, "weight": zeros})
+
     def update(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                rewards_GN: np.ndarray) -> dict[str, Any]:
         """One update on G groups of N actions (rows in group-major order)."""
@@ -229,10 +244,7 @@ class DiscoverTrainer:
             rewards_GN = np.asarray(rewards_GN, np.float32)
         _check_rows(rewards_GN, prompts, completions)
         adv = self.advantages(rewards_GN)
-        width = batch_width(max(map(len, prompts)), self.cfg.sampling.max_new_tokens,
-                            self.max_seq_len)
-        batch = build_batch(prompts, completions, pad_id=self.pad_id, width=width,
-                            rows_multiple=self.rows_multiple)
+        batch = self.rows(prompts, completions)
         batch.update(row_weights(adv, len(batch["tokens"])))
         if not np.any(np.asarray(adv.valid_G)):
             # No group has a reward spread: nothing to learn, so no forward or backward pass.

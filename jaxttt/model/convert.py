@@ -25,6 +25,7 @@ from jaxttt.config import MHCConfig, ModelConfig
 from jaxttt.errors import UserError
 from jaxttt.model import safetensors_io as st
 from jaxttt.model.mhc import logit
+from jaxttt.model.transformer import abstract_model
 
 
 class ConvertError(UserError, ValueError):
@@ -308,12 +309,6 @@ def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Loading into the sharded layout
 # --------------------------------------------------------------------------------------------
-def abstract_model(cfg: ModelConfig):
-    from jaxttt.model.transformer import Transformer
-
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-
-
 def check_source(cfg: ModelConfig, source: Source) -> None:
     """Every tensor the model needs is present with its shape, and nothing is left over."""
     abstract = abstract_model(cfg)

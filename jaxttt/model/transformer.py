@@ -289,5 +289,12 @@ def build(cfg: ModelConfig, mesh, *, seed: int = 0) -> Transformer:
     return create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh)
 
 
+@functools.lru_cache(maxsize=8)
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model of `cfg` as shapes only (restore and conversion targets). Cached: tracing the
+    initialisers takes seconds for a real model. Treat it as read-only: `nnx.split` it."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
 def count_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

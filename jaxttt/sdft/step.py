@@ -226,6 +226,9 @@ class SDFTTrainer:
         if self.cfg.objective == "sft":
             return self._sft_batch(examples), {}
         s_ctx, t_ctx = self.contexts(examples)
+        # the update's shapes depend on the contexts only: it compiles while the student samples
+        self.core.precompile(self.finish(self.sdft_batch(s_ctx, t_ctx, [[]] * len(s_ctx)),
+                                         ("kl_len",)), context=self.teacher)
         sc = self.cfg.sampling
         with jax.set_mesh(self.mesh):
             out = generate(self.model(), s_ctx, key, max_new_tokens=sc.max_new_tokens,

@@ -261,14 +261,13 @@ def load_model(path: str | Path, *, mesh=None, step: int | None = None,
     Returns (model, meta); meta holds what the run saved (step, tokenizer path, ...).
     `overrides` adjust the ModelConfig (e.g. `dtype=bfloat16`), never its shapes.
     """
-    from jaxttt.model.transformer import Transformer
+    from jaxttt.model.transformer import abstract_model
 
     run_dir, dir_step = find_run_dir(path)
     step = step if step is not None else dir_step
     model_cfg = C.load(C.ModelConfig, run_dir / MODEL_YAML, list(overrides))
     mesh = mesh or sharding.single_device_mesh()
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+    graphdef, abs_params, rest = nnx.split(abstract_model(model_cfg), nnx.Param, ...)
     ckpt = Checkpointer(run_dir, async_save=False, ckpt_dir=checkpoint_dir(run_dir))
     try:
         params, _, meta = ckpt.restore(abs_params, mesh=mesh, step=step)

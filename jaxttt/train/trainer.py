@@ -3,6 +3,7 @@
     trainer = Trainer(model, loss_fn, optim_cfg, mesh=mesh, total_steps=S,
                       wrt=nnx.Param, grad_accum=1)
     trainer.compile(example_batch)     # optional AOT compile before step 0 (prints memory use)
+    trainer.precompile(example_batch)  # or: compile it in the background while the host samples
     metrics = trainer.step(batch)      # python floats: loss, grad_norm, lr, skipped (0/1), + aux
     trainer.skipped, trainer.opt_state, trainer.reset()
 
@@ -38,6 +39,7 @@ skipped update does not advance it.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -216,6 +218,12 @@ def update_compiler_options() -> dict[str, str] | None:
     return CPU_UPDATE_OPTIONS.get(tuple(int(x) for x in jax.__version__.split(".")[:2]))
 
 
+@functools.lru_cache(maxsize=1)
+def _compiler() -> concurrent.futures.ThreadPoolExecutor:
+    """The background compile thread (one: XLA:CPU compiles a program on one core)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxttt-compile")
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted(st: _Static) -> Callable:
     """The jitted update for `st` (cached: trainers on one model structure share compiles).
@@ -255,6 +263,7 @@ class Trainer:
         self.opt_state = self._init_opt(self.params)
         self._skipped = self._counter(0)
         self._aot: dict[tuple, Any] = {}
+        self._pending: dict[tuple, concurrent.futures.Future] = {}
 
     # ------------------------------------------------------------------ state
     def _init_opt(self, params):
@@ -315,31 +324,60 @@ class Trainer:
         shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
         return shapes, context is not None
 
-    def lower(self, example_batch: dict, *, context=None) -> jax.stages.Lowered:
-        """The update traced and lowered for batches shaped like `example_batch`."""
+    def _abstract_args(self, batch: dict, context) -> tuple:
+        """The update's arguments as shapes, dtypes and shardings (batch already placed)."""
         def spec(x):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
-        args = jax.tree.map(spec, (self.params, self.opt_state, self._skipped, self.rest,
-                                   context, self._place(example_batch)))
+        return jax.tree.map(spec, (self.params, self.opt_state, self._skipped, self.rest,
+                                   context, batch))
+
+    def lower(self, example_batch: dict, *, context=None) -> jax.stages.Lowered:
+        """The update traced and lowered for batches shaped like `example_batch`."""
+        return self._lowered(self._abstract_args(self._place(example_batch), context),
+                             self._static(context))
+
+    def _lowered(self, args: tuple, st: _Static) -> jax.stages.Lowered:
         with jax.set_mesh(self.mesh):
-            return _jitted(self._static(context)).lower(*args)
+            return _jitted(st).lower(*args)
+
+    def _compiled(self, args: tuple, st: _Static):
+        with jax.set_mesh(self.mesh):
+            return self._lowered(args, st).compile()
 
     def compile(self, example_batch: dict, *, context=None, verbose: bool = True):
         """AOT-compile the update for batches shaped like `example_batch` (before step 0) and
         print its per-device memory use; later steps of that shape run this executable."""
-        batch = self._place(example_batch)  # placed once: lower() passes device arrays through
-        with jax.set_mesh(self.mesh):
-            compiled = self.lower(batch, context=context).compile()
+        batch = self._place(example_batch)
+        compiled = self._compiled(self._abstract_args(batch, context), self._static(context))
         self._aot[self._key(batch, context)] = compiled
         if verbose:
             print(memory_report(compiled), flush=True)
         return compiled
 
+    def precompile(self, example_batch: dict, *, context=None) -> None:
+        """Start compiling the update for batches shaped like `example_batch` in a background
+        thread, so that it runs beside host-side work before the step (sampling the batch);
+        the first step of that shape waits for it. A no-op when that shape is compiled or
+        under way. Only shapes and shardings are read here: the weights may change meanwhile."""
+        batch = self._place(example_batch)
+        key = self._key(batch, context)
+        if key in self._aot or key in self._pending:
+            return
+        args, st = self._abstract_args(batch, context), self._static(context)
+        self._pending[key] = _compiler().submit(self._compiled, args, st)
+
+    def _executable(self, batch: dict, context) -> Callable:
+        """The compiled update for this batch's shapes: AOT, from the background, or the jit."""
+        key = self._key(batch, context)
+        if key in self._pending:
+            self._aot[key] = self._pending.pop(key).result()
+        return self._aot.get(key) or _jitted(self._static(context))
+
     def step_async(self, batch: dict, *, context=None) -> dict[str, jax.Array]:
         """One update; returns the device metrics without waiting for them."""
         batch = self._place(batch)
-        fn = self._aot.get(self._key(batch, context)) or _jitted(self._static(context))
+        fn = self._executable(batch, context)
         with jax.set_mesh(self.mesh):
             self.params, self.opt_state, self._skipped, m = fn(
                 self.params, self.opt_state, self._skipped, self.rest, context, batch)
