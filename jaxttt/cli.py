@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from jaxttt.sharding import init_distributed
-        from jaxttt.runs import enable_compile_cache
+        from jaxttt.runs import enable_compile_cache, limit_malloc_arenas
 
+        limit_malloc_arenas()  # before XLA's threads allocate
         init_distributed()
         enable_compile_cache()  # every command: a rerun or resume reuses compiled programs
         return int(args.func(args) or 0)

@@ -131,6 +131,29 @@ def cache_root() -> Path:
     return path
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(n: int = 1) -> bool:
+    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX=n would; an explicit setting is kept).
+
+    Each thread that allocates gets its own arena, and freed blocks go back to the arena that
+    gave them. With XLA's worker threads and the background compile thread holding arenas, a
+    step's gigabytes of temporaries kept coming back as fresh pages the kernel had to zero.
+    One arena made the SmolLM2 demo's TTT-Discover stage 227 -> 185 s and the SDFT stage after
+    it 110 -> 87 s (README, "Results of a `jaxttt demo` run"). Every `jaxttt` command sets it;
+    returns whether the cap was set (glibc only)."""
+    import ctypes
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(M_ARENA_MAX, n))
+
+
 def enable_compile_cache() -> None:
     """Persist compiled XLA programs under cache_root()/xla: a rerun or a resumed run skips
     the compiles (every `jaxttt` command; the demo and depth study when called from Python)."""

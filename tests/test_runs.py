@@ -297,3 +297,32 @@ def test_cli_mistakes_are_one_line(run4, tmp_path):
     for proc, command, needles in cases:
         _one_line_error(_done(proc), command, *needles)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "--no-such-flag" in usage.stderr
+
+
+ARENAS_CHILD = """
+import ctypes, os, sys, threading
+from jaxttt.runs import limit_malloc_arenas
+print(limit_malloc_arenas() if sys.argv[1] == "cap" else "off", flush=True)
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+held = []
+def work():
+    held.append(libc.malloc(1 << 16))
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc.malloc_stats()  # one "Arena i:" block per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
+def test_malloc_arenas_are_capped_unless_the_user_set_them():
+    def arenas(mode, **env):
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | env
+        p = subprocess.run([sys.executable, "-c", ARENAS_CHILD, mode], capture_output=True,
+                           text=True, env=env, timeout=60, check=True)
+        return p.stdout.strip(), p.stderr.count("Arena ")
+
+    assert arenas("off")[1] > 1  # the threads got arenas of their own
+    assert arenas("cap") == ("True", 1)
+    assert arenas("cap", MALLOC_ARENA_MAX="2")[0] == "False"  # an explicit setting is kept
