@@ -269,6 +269,22 @@ def test_refuses_without_confinement_unless_asked(monkeypatch):
     assert load_env("circle_packing", {"unsafe_local_exec": True}).unsafe_local_exec
 
 
+def test_a_sandbox_that_cannot_import_numpy_is_an_env_error_not_zero_rewards(monkeypatch, tmp_path):
+    """Were numpy hidden from the confined process (once: a venv under /tmp), every program
+    would fail to load and score 0 as if it were wrong. The env refuses to start instead."""
+    monkeypatch.setattr(P, "package_roots", lambda: {"numpy": str(tmp_path / "numpy")})
+    P.prelude_problem.cache_clear()
+    try:
+        with pytest.raises(EnvError, match="only imports numpy fails.*did not load"):
+            load_env("circle_packing", {"unsafe_local_exec": UNSAFE})
+        with pytest.raises(EnvError, match="only imports numpy fails"):
+            load_env("erdos_min_overlap", {"unsafe_local_exec": UNSAFE})
+    finally:
+        P.prelude_problem.cache_clear()
+    monkeypatch.undo()
+    assert P.prelude_problem(1024, UNSAFE) is None  # the real numpy loads
+
+
 def test_prompt_shows_code_value_and_parent(cp):
     archive = Archive()
     parent = P.encode_state("def run_packing():\n    pass\n", grid_packing(5) + [[0.2, 0.2, 0.0]])

@@ -143,6 +143,33 @@ def test_script_mode_and_what_the_confined_process_sees(no_leftovers):
     assert r.stdout.splitlines() == ["/tmp /tmp []", "True True True True True", "True None", "[]", "ok"]
 
 
+def test_what_it_may_read_under_tmp_stays_readable_and_read_only(no_leftovers):
+    """A venv or a Python installed under /tmp: the private tmpfs on /tmp would hide its packages
+    (every discovery program failed to import numpy). They are mounted back read-only; the rest
+    of the host's /tmp stays out of sight."""
+    pkg, other = Path(tempfile.mkdtemp(dir="/tmp")), Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        (pkg / "kept_mod.py").write_text("VALUE = 42\n")
+        (other / "secret").write_text("host")
+        probe = (
+            "import os, sys\n"
+            "def refused(f):\n    try:\n        f()\n        return False\n    except OSError:\n        return True\n"
+            f"sys.path.insert(0, {str(pkg)!r})\nimport kept_mod\nprint(kept_mod.VALUE)\n"
+            f"p = {str(pkg)!r}\n"
+            "print(refused(lambda: open(p + '/new', 'w')), refused(lambda: os.remove(p + '/kept_mod.py')),\n"
+            "      refused(lambda: open(p + '/kept_mod.py', 'a')), refused(lambda: os.chmod(p, 0o777)),\n"
+            f"      refused(lambda: open({str(other / 'secret')!r})))\n"
+            "print(sorted(os.listdir('/tmp')))\n")
+        r = sandbox._run_script(probe, Limits(), sandbox.check_confinement(), extra_read=(str(pkg),))
+        assert r.ok, r.stderr
+        assert r.stdout.splitlines() == ["42", "True True True True True", str([pkg.name])]
+        assert sorted(p.name for p in pkg.iterdir()) == ["kept_mod.py"]
+        assert (pkg / "kept_mod.py").read_text() == "VALUE = 42\n" and pkg.stat().st_mode & 0o777 == 0o700
+    finally:
+        sandbox.remove_tree(str(pkg))
+        sandbox.remove_tree(str(other))
+
+
 # ---- plain data across the boundary -----------------------------------------------------------
 def test_wire_round_trip_and_refusals():
     value = {"a": [1, 2.5, None, True], (1, "x"): {frozenset({1}), 3}, b"k": 1 - 2j, "n": float("inf")}

@@ -377,6 +377,19 @@ def run_program(code: str, entry_kwargs: dict, limits: RunLimits = RunLimits(), 
     raise ProgramFailed("malformed reply")
 
 
+@functools.lru_cache(maxsize=None)
+def prelude_problem(memory_mb: int, unsafe_local_exec: bool) -> str | None:
+    """Why the programs' prelude (numpy) does not load in the sandbox here, None when it does.
+    That is the host's fault, not a program's: without this check it scored every program 0."""
+    code = "\n".join([_import_prelude(package_roots()), "def run():\n    return 1\n", _call_postlude("run")])
+    try:
+        run_program(code, {}, RunLimits(timeout_s=60.0, memory_mb=memory_mb),
+                    unsafe_local_exec=unsafe_local_exec)
+    except ProgramFailed as e:
+        return str(e)
+    return None
+
+
 # ============================================================================================
 # Envs
 # ============================================================================================
@@ -460,6 +473,10 @@ class ProgramEnv(DiscoveryEnv):
             sandbox.check_confinement(bool(unsafe_local_exec))
         except sandbox.SandboxUnavailable as e:
             raise EnvError(f"{name}: {e}") from None
+        why = prelude_problem(memory_mb, bool(unsafe_local_exec))
+        if why is not None:
+            raise EnvError(f"{name}: a program that only imports numpy fails in the sandbox here, so every "
+                           f"program would score 0 ({why})")
         self.limits = RunLimits(timeout_s=float(timeout_s), memory_mb=memory_mb)
         self.max_code_lines, self.unsafe_local_exec = max_code_lines, bool(unsafe_local_exec)
 

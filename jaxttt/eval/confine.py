@@ -8,7 +8,9 @@ either returns in the confined process or raises `ConfineError`. Steps, in order
    The network namespace has only a down loopback: no network of any kind.
 2. Make every mount private and put a fresh size- and inode-limited tmpfs on /tmp: the only
    writable place. It lives in the namespace, so it vanishes, immutable files and all, when
-   the last confined process exits; nothing is created on the host.
+   the last confined process exits; nothing is created on the host. What the process may read
+   but the tmpfs would hide (a Python or a venv installed under /tmp) is bind-mounted back at
+   its path, read-only.
 3. Fork: the child is pid 1 of the new pid namespace (the kernel kills everything it spawned
    when it exits) and dies with its parent (PR_SET_PDEATHSIG). The parent waits and mirrors
    the child's exit status.
@@ -40,6 +42,11 @@ CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x20000, 0x02000000, 0x04000000
 CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x10000000, 0x20000000, 0x40000000
 CLONE_THREAD = 0x10000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
+MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+# statvfs f_flag bit -> mount flag: the flags a bind mount must keep when remounted read-only
+# (a user namespace may not clear the flags its parent's mounts were locked with).
+_KEEP_MOUNT_FLAGS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+                     (os.ST_NOATIME, 1024), (os.ST_NODIRATIME, 2048), (os.ST_RELATIME, 1 << 21))
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 SYS_LANDLOCK_CREATE, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT = 444, 445, 446  # all arches
 SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
@@ -123,7 +130,29 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 # ---- 1-2: namespaces and the private /tmp -------------------------------------------------
-def enter_namespaces(tmp_mb: int, tmp_inodes: int) -> None:
+def _under_tmp(paths) -> list:
+    """The existing paths among `paths` that the private /tmp would hide (a venv in /tmp)."""
+    real = {os.path.realpath(p) for p in paths}
+    return sorted(p for p in real if p.startswith("/tmp/") and os.path.exists(p))
+
+
+def _bind_read_only(fd: int, path: str) -> None:
+    """Mount what `fd` (opened before the tmpfs hid it) at `path` again, read-only."""
+    if os.path.isdir(f"/proc/self/fd/{fd}"):
+        os.makedirs(path, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    _check(_libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, ctypes.c_ulong(MS_BIND | MS_REC),
+                       None), f"bind-mount {path}")
+    have = os.statvfs(path).f_flag
+    keep = sum(ms for st, ms in _KEEP_MOUNT_FLAGS if have & st)
+    _check(_libc.mount(None, path.encode(), None, ctypes.c_ulong(MS_BIND | MS_REMOUNT | MS_RDONLY | keep),
+                       None), f"remount {path} read-only")
+
+
+def enter_namespaces(tmp_mb: int, tmp_inodes: int, keep_readable=()) -> None:
+    """Steps 1-2. `keep_readable`: paths to read that lie under /tmp stay visible, read-only."""
     uid, gid = os.geteuid(), os.getegid()
     flags = (CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
              | CLONE_NEWUTS | CLONE_NEWCGROUP)
@@ -132,9 +161,13 @@ def enter_namespaces(tmp_mb: int, tmp_inodes: int) -> None:
     _write("/proc/self/uid_map", f"0 {uid} 1")
     _write("/proc/self/gid_map", f"0 {gid} 1")
     _check(_libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "mount --make-rprivate /")
+    kept = [(p, os.open(p, os.O_PATH | os.O_CLOEXEC)) for p in _under_tmp(keep_readable)]
     opts = f"size={tmp_mb}m,nr_inodes={tmp_inodes},mode=0700".encode()
     _check(_libc.mount(b"tmpfs", b"/tmp", b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC), opts),
            "mount tmpfs on /tmp")
+    for path, fd in kept:
+        _bind_read_only(fd, path)
+        os.close(fd)
 
 
 def fork_init(keep_fds: tuple) -> None:
@@ -327,12 +360,13 @@ def confine(cfg: dict, keep_fds: tuple) -> None:
     if not sys.platform.startswith("linux"):
         raise ConfineError(f"no kernel confinement on {sys.platform}")
     lim = cfg["limits"]
-    enter_namespaces(lim["tmp_mb"], lim["tmp_inodes"])
+    readable = read_paths() + list(cfg.get("extra_read", ()))
+    enter_namespaces(lim["tmp_mb"], lim["tmp_inodes"], readable)
     fork_init(keep_fds)
     os.chdir("/tmp")
     set_limits(lim)
     close_fds(keep_fds)
     seccomp = load_libseccomp()  # before Landlock (it reads the library)
     drop_capabilities()
-    apply_landlock(read_paths() + list(cfg.get("extra_read", ())), ["/tmp"])
+    apply_landlock(readable, ["/tmp"])
     apply_seccomp(seccomp)

@@ -379,11 +379,12 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
         os.close(pidfd)
 
 
-def _run_script(code: str, limits: Limits, confined: bool) -> SandboxResult:
+def _run_script(code: str, limits: Limits, confined: bool, extra_read: tuple[str, ...] = ()) -> SandboxResult:
     with _Workdir(confined) as workdir, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
-        proc = _spawn("candidate", _candidate_cfg(code, "script", limits, confined, workdir), (),
-                      out, err, workdir or "/tmp")
+        cfg = _candidate_cfg(code, "script", limits, confined, workdir)
+        cfg["extra_read"] = list(extra_read)  # read-only besides the standard library
+        proc = _spawn("candidate", cfg, (), out, err, workdir or "/tmp")
         try:
             timed_out = _wait(proc, limits.timeout_s)
         finally:
