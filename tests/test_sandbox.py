@@ -151,6 +151,7 @@ def test_what_it_may_read_under_tmp_stays_readable_and_read_only(no_leftovers):
     try:
         (pkg / "kept_mod.py").write_text("VALUE = 42\n")
         (other / "secret").write_text("host")
+        (other / "lone.txt").write_text("a file on its own")  # readable by itself, its directory not
         probe = (
             "import os, sys\n"
             "def refused(f):\n    try:\n        f()\n        return False\n    except OSError:\n        return True\n"
@@ -159,11 +160,16 @@ def test_what_it_may_read_under_tmp_stays_readable_and_read_only(no_leftovers):
             "print(refused(lambda: open(p + '/new', 'w')), refused(lambda: os.remove(p + '/kept_mod.py')),\n"
             "      refused(lambda: open(p + '/kept_mod.py', 'a')), refused(lambda: os.chmod(p, 0o777)),\n"
             f"      refused(lambda: open({str(other / 'secret')!r})))\n"
+            f"print(open({str(other / 'lone.txt')!r}).read(), refused(lambda: open({str(other / 'lone.txt')!r}, 'a')))\n"
             "print(sorted(os.listdir('/tmp')))\n")
-        r = sandbox._run_script(probe, Limits(), sandbox.check_confinement(), extra_read=(str(pkg),))
+        r = sandbox._run_script(probe, Limits(), sandbox.check_confinement(),
+                                extra_read=(str(pkg), str(other / "lone.txt")))
         assert r.ok, r.stderr
-        assert r.stdout.splitlines() == ["42", "True True True True True", str([pkg.name])]
+        assert r.stdout.splitlines() == ["42", "True True True True True", "a file on its own True",
+                                         str(sorted([pkg.name, other.name]))]
         assert sorted(p.name for p in pkg.iterdir()) == ["kept_mod.py"]
+        assert sorted(p.name for p in other.iterdir()) == ["lone.txt", "secret"]
+        assert (other / "lone.txt").read_text() == "a file on its own"
         assert (pkg / "kept_mod.py").read_text() == "VALUE = 42\n" and pkg.stat().st_mode & 0o777 == 0o700
     finally:
         sandbox.remove_tree(str(pkg))

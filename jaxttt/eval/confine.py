@@ -143,8 +143,9 @@ def _bind_read_only(fd: int, path: str) -> None:
     else:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    _check(_libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, ctypes.c_ulong(MS_BIND | MS_REC),
-                       None), f"bind-mount {path}")
+    # not MS_REC: a mount below `path` would stay writable (Landlock lets /tmp be written)
+    _check(_libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, ctypes.c_ulong(MS_BIND), None),
+           f"bind-mount {path}")
     have = os.statvfs(path).f_flag
     keep = sum(ms for st, ms in _KEEP_MOUNT_FLAGS if have & st)
     _check(_libc.mount(None, path.encode(), None, ctypes.c_ulong(MS_BIND | MS_REMOUNT | MS_RDONLY | keep),
