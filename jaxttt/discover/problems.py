@@ -349,8 +349,8 @@ def run_program(code: str, entry_kwargs: dict, limits: RunLimits = RunLimits(), 
             tempfile.TemporaryFile() as err:
         proc = None
         try:
-            cfg = sandbox._candidate_cfg(code, "serve", box, confined, workdir)
-            cfg["extra_read"] = _readable_dirs(package_roots())
+            cfg = sandbox._candidate_cfg(code, "serve", box, confined, workdir,
+                                         extra_read=_readable_dirs(package_roots()))
             proc = sandbox._spawn("candidate", cfg, (req_r, rep_w), out, err, workdir or "/tmp")
             for fd in (req_r, rep_w):
                 os.close(fd)

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,11 @@ def _spawn(role: str, cfg: dict, fds: tuple[int, ...], stdout, stderr, home: str
                                 env=_env(home), pass_fds=(cfg_file.fileno(), *fds), start_new_session=True)
 
 
-def _candidate_cfg(code: str, mode: str, limits: Limits, confined: bool, workdir: str | None) -> dict:
+def _candidate_cfg(code: str, mode: str, limits: Limits, confined: bool, workdir: str | None,
+                   extra_read: Sequence[str] = ()) -> dict:
+    """`extra_read`: paths it may read besides the standard library (read-only)."""
     return {"code": code, "mode": mode, "limits": limits.child(), "confine": confined,
-            "workdir": workdir, "parent_pid": os.getpid()}
+            "workdir": workdir, "parent_pid": os.getpid(), "extra_read": list(extra_read)}
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -382,9 +385,8 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
 def _run_script(code: str, limits: Limits, confined: bool, extra_read: tuple[str, ...] = ()) -> SandboxResult:
     with _Workdir(confined) as workdir, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
-        cfg = _candidate_cfg(code, "script", limits, confined, workdir)
-        cfg["extra_read"] = list(extra_read)  # read-only besides the standard library
-        proc = _spawn("candidate", cfg, (), out, err, workdir or "/tmp")
+        proc = _spawn("candidate", _candidate_cfg(code, "script", limits, confined, workdir, extra_read), (),
+                      out, err, workdir or "/tmp")
         try:
             timed_out = _wait(proc, limits.timeout_s)
         finally:

@@ -342,8 +342,7 @@ class Trainer:
             return _jitted(st).lower(*args)
 
     def _compiled(self, args: tuple, st: _Static):
-        with jax.set_mesh(self.mesh):
-            return self._lowered(args, st).compile()
+        return self._lowered(args, st).compile()
 
     def compile(self, example_batch: dict, *, context=None, verbose: bool = True):
         """AOT-compile the update for batches shaped like `example_batch` (before step 0) and
